@@ -1,0 +1,37 @@
+# Two commands do all set-up from nothing: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# torch is pinned in the same pip call as the project so the resolver keeps the
+# CPU wheel; CUDA users install their own torch first (see README).
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test test-all bench clean samples
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[all,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	cd sample_checkpoints && ../$(VENV)/bin/hesscli info ckpt_step000000.pt
+	cd sample_checkpoints && ../$(VENV)/bin/hesscli scan . --analyses trace,eigs,extremes,density --out ../hesscli-results
+	$(VENV)/bin/hesscli plot hesscli-results
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+samples: $(STAMP)
+	$(PY) sample_checkpoints/make_samples.py
+
+clean:
+	rm -rf $(VENV) hesscli-results .pytest_cache

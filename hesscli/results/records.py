@@ -1,0 +1,133 @@
+"""Result dataclasses. Tables, Parquet and Rich rendering all start from these.
+
+The engine returns them; only ``hesscli.results`` turns them into rows or text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Provenance of one analysis of one checkpoint: one row of the ``runs`` table."""
+
+    run_id: str
+    checkpoint: str
+    checkpoint_sha256: str
+    step: int | None
+    analysis: str  # trace | eigs | extremes | density
+    backend: str
+    method: str
+    curvature: str
+    device: str
+    dtype: str
+    seed: int
+    n_params: int
+    n_samples: int
+    loss_value: float | None
+    n_hvp: int
+    seconds: float
+    hesscli_version: str
+    torch_version: str
+    started_at: str  # ISO 8601, UTC
+    status: str = "ok"  # ok | failed
+    error: str | None = None
+    options: str = ""  # canonical JSON of the analysis options (used by scan --resume)
+
+
+@dataclass(frozen=True)
+class GroupTrace:
+    """Trace of the diagonal block of one parameter tensor (``param_group`` rows)."""
+
+    name: str
+    estimate: float
+    stderr: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """Trace estimate with a standard error and a 95% confidence interval.
+
+    ``stderr`` is 0 and the interval collapses for ``method="exact"``.
+    ``groups`` holds per-parameter-tensor traces computed from the same probes.
+    """
+
+    estimate: float
+    stderr: float
+    ci_low: float
+    ci_high: float
+    n_probes: int
+    method: str
+    n_hvp: int
+    groups: tuple[GroupTrace, ...] = ()
+    converged: bool = True  # False when --tol was not reached within the budget
+
+
+@dataclass(frozen=True)
+class EigsResult:
+    """Eigenvalues with residual norms ``||Hv - lambda v||`` and convergence flags.
+
+    Entries are ordered: largest first for ``which="largest"``, smallest first for
+    ``"smallest"``; ``which`` says which end each entry belongs to and ``rank`` its
+    position from that end (1-based).
+    """
+
+    eigenvalues: tuple[float, ...]
+    residuals: tuple[float, ...]
+    converged: tuple[bool, ...]
+    which: tuple[str, ...]
+    rank: tuple[int, ...]
+    n_hvp: int
+    n_iter: int
+    eigenvectors: torch.Tensor | None = None  # [n_params, k] when asked for
+
+
+@dataclass(frozen=True)
+class ExtremesResult:
+    """The two ends of the spectrum."""
+
+    lambda_max: float
+    lambda_min: float
+    condition_number: float  # |lambda_max| / |lambda_min| (inf when lambda_min == 0)
+    negative_ratio: float  # |lambda_min| / lambda_max when lambda_min < 0, else 0
+    residual_max: float
+    residual_min: float
+    converged: bool
+    n_hvp: int
+
+
+@dataclass(frozen=True)
+class DensityResult:
+    """Spectral density from stochastic Lanczos quadrature.
+
+    Attributes:
+        grid, density: the Gaussian-broadened density on an even grid (integrates to ~1).
+        nodes, weights: ``[runs, iters]`` Ritz values and quadrature weights (each run sums to 1).
+        alphas, betas: ``[runs, iters]`` / ``[runs, iters-1]`` Lanczos coefficients, so a
+            density can be re-smoothed without new products.
+        sigma: the broadening used.
+    """
+
+    grid: torch.Tensor
+    density: torch.Tensor
+    nodes: torch.Tensor
+    weights: torch.Tensor
+    alphas: torch.Tensor
+    betas: torch.Tensor
+    sigma: float
+    n_hvp: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One analysis of one checkpoint: provenance plus result (``None`` when it failed)."""
+
+    run: RunInfo
+    result: TraceResult | EigsResult | ExtremesResult | DensityResult | None
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,286 @@
+"""Curvature of the mean loss over a whole dataset: Hessian and GGN products.
+
+The analysed function is always
+
+.. math:: L(\\theta) = \\sum_b \\frac{n_b}{N} \\ell_b(\\theta),
+
+where :math:`\\ell_b` is the batch-mean loss of batch :math:`b` with :math:`n_b` samples and
+:math:`N` the number of samples over all batches (and all processes under torch.distributed),
+so results do not depend on the batch size and a ragged last batch gets its true weight.
+
+Two product paths sit behind one interface (DESIGN.md):
+
+* ``func``: forward-over-reverse with ``torch.func`` (``jvp(grad(f))``), ``vmap``-ed over the
+  columns of a block, so a block of ``k`` vectors costs one pass over the data;
+* ``autograd``: double backward (``autograd.grad(..., create_graph=True)``), one vector at a time.
+  It serves TorchScript modules (``functional_call`` refuses them) and models whose operators
+  have no forward-mode AD; when the dataset has few batches, the gradient graph is built once and
+  reused for every product, which makes single-vector products (Lanczos) about one backward pass.
+
+``hvp="auto"`` uses ``autograd`` for single vectors and ``func`` for blocks, and falls back to
+``autograd`` for good if ``func`` fails on the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from hesscli.loading.problem import Problem
+from hesscli.operators.base import CurvatureOperator
+
+logger = logging.getLogger(__name__)
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+def _is_scripted(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+class EmpiricalRiskOperator(CurvatureOperator):
+    """Shared machinery: parameter flattening, batch weighting, product-path selection.
+
+    Args:
+        problem: the loaded problem (model in eval mode, selected parameters, batches).
+        hvp: ``auto`` | ``func`` | ``autograd`` (see module docstring).
+        block_size: columns per vmapped call on the ``func`` path (bounds memory).
+        reduce: called on each local product sum (e.g. an all-reduce under torch.distributed).
+        cache_graph: ``auto`` caches gradient graphs when the dataset has at most
+            ``max_cached_batches`` batches; ``True``/``False`` force it.
+    """
+
+    CURVATURE = "hessian"
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        hvp: str = "auto",
+        block_size: int = 16,
+        reduce: Reduce | None = None,
+        cache_graph: bool | str = "auto",
+        max_cached_batches: int = 4,
+    ) -> None:
+        if hvp not in ("auto", "func", "autograd"):
+            raise ValueError(f"hvp must be auto, func or autograd, got {hvp!r}")
+        self.problem = problem
+        self.model = problem.model
+        self.names = list(problem.params)
+        self.params = [problem.params[n] for n in self.names]
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        groups, start = {}, 0
+        for name, numel in zip(self.names, self.numels):
+            groups[name] = slice(start, start + numel)
+            start += numel
+        super().__init__(start, problem.dtype, problem.device, groups)
+        self.block_size = max(1, int(block_size))
+        self.reduce = reduce
+        self.scripted = _is_scripted(self.model)
+        self.hvp = "autograd" if self.scripted else hvp
+        n_batches = len(problem.data.batches)
+        self.cache_graph = (n_batches <= max_cached_batches) if cache_graph == "auto" else bool(cache_graph)
+        self._graphs: list[tuple[Tensor, ...]] | None = None
+        self._func_failed = False
+        self.n_total = problem.data.n_total
+        if not self.scripted:
+            selected = set(self.names)
+            self._fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in selected}
+            self._fixed.update({n: b for n, b in self.model.named_buffers()})
+
+    # ------------------------------------------------------------------ helpers
+    def _weight(self, targets: Tensor) -> float:
+        return targets.shape[0] / self.n_total
+
+    def _split(self, V: Tensor) -> list[Tensor]:
+        """``[P, k]`` -> per-parameter ``[k, *shape]`` views."""
+        k = V.shape[1]
+        return [c.T.reshape(k, *s) for c, s in zip(V.split(self.numels, dim=0), self.shapes)]
+
+    def _flat(self, parts: list[Tensor], k: int) -> Tensor:
+        """per-parameter ``[k, *shape]`` -> ``[P, k]``."""
+        return torch.cat([p.reshape(k, -1) for p in parts], dim=1).T
+
+    def _model_fn(self, x: Tensor) -> Callable[..., Tensor]:
+        names, fixed, model = self.names, self._fixed, self.model
+
+        def f(*params: Tensor) -> Tensor:
+            return functional_call(model, {**fixed, **dict(zip(names, params))}, (x,))
+
+        return f
+
+    def _finish(self, out: Tensor) -> Tensor:
+        return self.reduce(out) if self.reduce is not None else out
+
+    def path_for(self, k: int) -> str:
+        """The product path used for a block of ``k`` columns."""
+        if self.hvp != "auto":
+            return self.hvp
+        if self._func_failed:
+            return "autograd"
+        return "autograd" if k == 1 else "func"
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        path = self.path_for(V.shape[1])
+        if path == "func":
+            try:
+                return self._finish(self._matmat_func(V))
+            except RuntimeError as e:  # e.g. an op without forward-mode AD
+                if self.hvp == "func":
+                    raise
+                logger.info("torch.func products failed (%s); using double backward", e)
+                self._func_failed = True
+        return self._finish(self._matmat_autograd(V))
+
+    def _matmat_func(self, V: Tensor) -> Tensor:
+        out = torch.zeros_like(V)
+        for start in range(0, V.shape[1], self.block_size):
+            block = V[:, start : start + self.block_size]
+            k = block.shape[1]
+            acc = [torch.zeros(k, *s, dtype=self.dtype, device=self.device) for s in self.shapes]
+            for x, y in self.problem.data.batches:
+                parts = self._func_batch(x, y, self._split(block))
+                for a, p in zip(acc, parts):
+                    a.add_(p)
+            out[:, start : start + k] = self._flat(acc, k)
+        return out
+
+    def _matmat_autograd(self, V: Tensor) -> Tensor:
+        k = V.shape[1]
+        tangents = self._split(V)
+        acc = [torch.zeros(k, *s, dtype=self.dtype, device=self.device) for s in self.shapes]
+        for i, (x, y) in enumerate(self.problem.data.batches):
+            self._autograd_batch(i, x, y, tangents, acc)
+        return self._flat(acc, k)
+
+    def _grad_of(self, outputs: tuple[Tensor, ...] | Tensor, inputs: list[Tensor], grad_outputs,
+                 retain_graph: bool = True, create_graph: bool = False) -> list[Tensor]:
+        gs = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph,
+                                 create_graph=create_graph, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, inputs)]
+
+    # ---------------------------------------------------------------- subclass hooks
+    def _func_batch(self, x: Tensor, y: Tensor, tangents: list[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _autograd_batch(self, i: int, x: Tensor, y: Tensor, tangents: list[Tensor], acc: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ extras
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """Mean loss over the dataset and its flat gradient ``[P]`` (after ``reduce``)."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        g = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        with torch.enable_grad():
+            for x, y in self.problem.data.batches:
+                loss = self._weight(y) * self.problem.loss.fn(self.model(x), y)
+                gs = self._grad_of(loss, self.params, None, retain_graph=False)
+                g += torch.cat([t.reshape(-1) for t in gs])
+                loss_sum += loss.detach().to(torch.float64)
+        both = self._finish(torch.cat([g.to(torch.float64), loss_sum.reshape(1)]))
+        return float(both[-1]), both[:-1].to(self.dtype)
+
+
+class HessianOperator(EmpiricalRiskOperator):
+    """Products with the Hessian of the mean loss over the dataset (exact, symmetric, indefinite)."""
+
+    CURVATURE = "hessian"
+
+    def _func_batch(self, x: Tensor, y: Tensor, tangents: list[Tensor]) -> list[Tensor]:
+        w = self._weight(y)
+        model_fn = self._model_fn(x)
+        loss_fn = self.problem.loss.fn
+        primals = tuple(p.detach() for p in self.params)
+        argnums = tuple(range(len(primals)))
+
+        def f(*params: Tensor) -> Tensor:
+            return w * loss_fn(model_fn(*params), y)
+
+        g = grad(f, argnums=argnums)
+
+        def hvp(*vs: Tensor) -> tuple[Tensor, ...]:
+            return jvp(lambda *p: g(*p), primals, vs)[1]
+
+        return list(vmap(hvp)(*tangents))
+
+    def _batch_grads(self, i: int, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        if self._graphs is not None and i < len(self._graphs):
+            return self._graphs[i]
+        with torch.enable_grad():
+            loss = self._weight(y) * self.problem.loss.fn(self.model(x), y)
+            grads = tuple(self._grad_of(loss, self.params, None, create_graph=True))
+        if self.cache_graph:
+            if self._graphs is None:
+                self._graphs = []
+            if i == len(self._graphs):
+                self._graphs.append(grads)
+        return grads
+
+    def _autograd_batch(self, i: int, x: Tensor, y: Tensor, tangents: list[Tensor], acc: list[Tensor]) -> None:
+        grads = self._batch_grads(i, x, y)
+        live = [j for j, g in enumerate(grads) if g.requires_grad]
+        if not live:
+            return
+        k = tangents[0].shape[0]
+        for c in range(k):
+            hv = self._grad_of(tuple(grads[j] for j in live), self.params,
+                               tuple(tangents[j][c] for j in live), retain_graph=True)
+            for a, h in zip(acc, hv):
+                a[c].add_(h)
+
+
+class GGNOperator(EmpiricalRiskOperator):
+    """Products with the generalised Gauss–Newton matrix :math:`\\sum_b w_b J_b^T H^{out}_b J_b`
+    (exact; positive semi-definite for convex losses)."""
+
+    CURVATURE = "ggn"
+
+    def _func_batch(self, x: Tensor, y: Tensor, tangents: list[Tensor]) -> list[Tensor]:
+        w = self._weight(y)
+        model_fn = self._model_fn(x)
+        loss_fn = self.problem.loss.fn
+        primals = tuple(p.detach() for p in self.params)
+        out, vjp_fn = vjp(model_fn, *primals)
+        out = out.detach()
+        loss_grad = grad(lambda o: w * loss_fn(o, y))
+
+        def ggnvp(*vs: Tensor) -> tuple[Tensor, ...]:
+            jv = jvp(model_fn, primals, vs)[1]
+            hjv = jvp(loss_grad, (out,), (jv,))[1]
+            return vjp_fn(hjv)
+
+        return list(vmap(ggnvp)(*tangents))
+
+    def _autograd_batch(self, i: int, x: Tensor, y: Tensor, tangents: list[Tensor], acc: list[Tensor]) -> None:
+        w = self._weight(y)
+        with torch.enable_grad():
+            out = self.model(x)
+            u = torch.zeros_like(out, requires_grad=True)
+            jtu = self._grad_of(out, self.params, u, create_graph=True)
+            o = out.detach().requires_grad_(True)
+            gl = torch.autograd.grad(w * self.problem.loss.fn(o, y), o, create_graph=True)[0]
+            k = tangents[0].shape[0]
+            for c in range(k):
+                live = [j for j, t in enumerate(jtu) if t.requires_grad]
+                if not live:
+                    return
+                jv = torch.autograd.grad([jtu[j] for j in live], u, [tangents[j][c] for j in live],
+                                         retain_graph=True)[0]
+                hjv = torch.autograd.grad(gl, o, jv, retain_graph=True)[0]
+                gv = self._grad_of(out, self.params, hjv, retain_graph=True)
+                for a, h in zip(acc, gv):
+                    a[c].add_(h)
+
+
+def make_operator(problem: Problem, curvature: str = "hessian", **kwargs) -> EmpiricalRiskOperator:
+    """Build the curvature operator for ``--curvature hessian|ggn``."""
+    if curvature == "hessian":
+        return HessianOperator(problem, **kwargs)
+    if curvature == "ggn":
+        return GGNOperator(problem, **kwargs)
+    raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")

@@ -5,7 +5,7 @@ An algorithm only needs ``size``, ``dtype``, ``device`` and ``matmat``; it never
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -19,6 +19,8 @@ class CurvatureOperator:
     :attr:`n_matvecs` (one per column; this feeds the ``n_hvp`` column).
 
     Attributes:
+        on_matvecs: optional callback receiving the running product count after each
+            :meth:`matmat` (progress bars).
         groups: ``name -> slice`` of the flat vector for each parameter tensor
             (used for per-parameter-tensor traces). Dense operators have one group.
     """
@@ -33,6 +35,7 @@ class CurvatureOperator:
         self.device = torch.device(device)
         self.groups: dict[str, slice] = dict(groups) if groups else {"all": slice(0, self.size)}
         self.n_matvecs = 0
+        self.on_matvecs: Callable[[int], None] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -48,6 +51,8 @@ class CurvatureOperator:
         V = V.to(device=self.device, dtype=self.dtype)
         out = self._matmat(V) if V.shape[1] else V.clone()
         self.n_matvecs += V.shape[1]
+        if self.on_matvecs is not None:
+            self.on_matvecs(self.n_matvecs)
         return out.squeeze(1) if squeeze else out
 
     def matvec(self, v: Tensor) -> Tensor:

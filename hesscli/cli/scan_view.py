@@ -1,0 +1,69 @@
+"""The ``scan`` command's presentation: per-checkpoint progress, summary over steps, exit code."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import typer
+
+from hesscli.cli.common import console, err_console
+from hesscli.config import Settings
+
+
+def run_scan_command(target: str, settings: Settings) -> int:
+    """Run a scan, writing each checkpoint's rows as soon as it is done. Returns the exit code."""
+    from hesscli import distributed
+    from hesscli.cli.analyses import _sigterm_as_interrupt
+    from hesscli.results.parquet import read_table, write_outcomes
+    from hesscli.results.render import outcome_to_json, render_scan_summary
+    from hesscli.scan import run_scan
+
+    ctx = distributed.context(settings.device)
+    if ctx.active:
+        settings = replace(settings, device=distributed.device_for(ctx, settings.device))
+    show = ctx.is_main and not (settings.quiet or settings.json)
+
+    def write(outcomes: list) -> None:
+        if ctx.is_main and outcomes:
+            write_outcomes(settings.out, outcomes)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=err_console(), transient=True, disable=not show)
+    with _sigterm_as_interrupt(), progress:
+        task = progress.add_task("scan", total=None)
+
+        def on_checkpoint(i: int, n: int, entry) -> None:
+            progress.update(task, total=n, completed=i,
+                            description=f"scan {entry.path.name} (step {entry.step if entry.step is not None else '?'})")
+
+        report = run_scan(target, settings, write=write, on_checkpoint=on_checkpoint,
+                          reduce=ctx.all_reduce_sum if ctx.active else None, rank=ctx.rank,
+                          world_size=ctx.world_size)
+        progress.update(task, completed=len(report.checkpoints))
+    if not ctx.is_main:
+        return 1 if report.failures else 0
+    if settings.json:
+        typer.echo(json.dumps({
+            "checkpoints": [{"path": str(e.path), "step": e.step} for e in report.checkpoints],
+            "outcomes": [outcome_to_json(o) for o in report.outcomes],
+            "skipped": [{"checkpoint": c, "analysis": a} for c, a in report.skipped],
+            "failed": [{"checkpoint": o.run.checkpoint, "analysis": o.run.analysis, "error": o.run.error}
+                       for o in report.failures],
+        }))
+    elif not settings.quiet:
+        names = {str(e.path) for e in report.checkpoints}
+        tables = {name: read_table(settings.out, name) for name in ("runs", "trace", "extremes", "eigs")}
+        render_scan_summary(tables, console(), checkpoints=names)
+        if report.skipped:
+            err_console().print(f"[dim]{len(report.skipped)} (checkpoint, analysis) pairs already done: skipped "
+                                f"(--no-resume recomputes)[/dim]")
+        err_console().print(f"[dim]tables written under {settings.out}/[/dim]")
+    if report.failures:
+        failed = sorted({o.run.checkpoint for o in report.failures})
+        err_console().print(f"[red]error:[/red] {len(failed)} checkpoint(s) failed: {', '.join(failed)} "
+                            f"(details in {settings.out}/runs, column 'error')")
+        return 1
+    return 0

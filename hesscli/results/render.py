@@ -1,0 +1,477 @@
+"""Rich rendering for humans and plain JSON for scripts. No computation happens here.
+
+The CLI owns the :class:`rich.console.Console` and passes it in; these functions only
+format what the result dataclasses and tables already hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import PurePath
+from typing import Any, TextIO
+
+import pandas as pd
+import torch
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from hesscli.results.records import (
+    DensityResult,
+    EigsResult,
+    ExtremesResult,
+    Outcome,
+    RunInfo,
+    TraceResult,
+)
+from hesscli.results.tables import TOTAL_GROUP, empty_frame, latest_ok_runs
+
+__all__ = [
+    "render_outcome",
+    "outcome_to_json",
+    "render_json",
+    "render_scan_summary",
+    "sparkline",
+]
+
+_BARS = "▁▂▃▄▅▆▇█"
+_TOP_GROUPS = 8
+_DENSITY_WIDTH = 64
+_DENSITY_FLOOR = 1e-6
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _num(x: float | None, spec: str = ".5g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if math.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    return format(x, spec)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _tick(ok: bool) -> Text:
+    return Text("✓", style="green") if ok else Text("✗", style="bold red")
+
+
+def _step(step: Any) -> str:
+    return "–" if step is None or pd.isna(step) else str(int(step))
+
+
+def sparkline(values: Sequence[float | None], *, log: bool = False) -> str:
+    """One character per value on the eight-level bar scale ``▁▂▃▄▅▆▇█``.
+
+    Args:
+        values: the series; ``None``/NaN (and non-positive values when ``log``) give a space.
+        log: scale by ``log10`` (for densities spanning many orders of magnitude).
+
+    Returns:
+        A string as long as ``values``.
+
+    Example:
+        >>> sparkline([0, 1, 2, 3, 4, 5, 6, 7])
+        '▁▂▃▄▅▆▇█'
+        >>> sparkline([1, None, 1])
+        '▄ ▄'
+    """
+    mapped: list[float | None] = []
+    for v in values:
+        if v is None or not math.isfinite(v) or (log and v <= 0):
+            mapped.append(None)
+        else:
+            mapped.append(math.log10(v) if log else float(v))
+    finite = [v for v in mapped if v is not None]
+    if not finite:
+        return " " * len(mapped)
+    lo, hi = min(finite), max(finite)
+    out = []
+    for v in mapped:
+        if v is None:
+            out.append(" ")
+        elif hi == lo:
+            out.append(_BARS[3])
+        else:
+            out.append(_BARS[int((v - lo) / (hi - lo) * (len(_BARS) - 1) + 0.5)])
+    return "".join(out)
+
+
+def _footer(run: RunInfo) -> Text:
+    where = [run.checkpoint, f"step {_step(run.step)}", run.backend, run.method, run.curvature, run.device, run.dtype]
+    size = [
+        f"{run.n_params:,} params",
+        f"{run.n_samples:,} samples",
+        f"loss {_num(run.loss_value)}",
+        f"{run.n_hvp:,} HVPs",
+        f"{run.seconds:.3g} s",
+    ]
+    return Text(" · ".join(where) + "\n" + " · ".join(size), style="dim")
+
+
+def _kv(rows: Sequence[tuple[str, RenderableType | str]]) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, value in rows:
+        grid.add_row(key, value)
+    return grid
+
+
+# ----------------------------------------------------------------------------- per analysis
+
+
+def _trace_body(r: TraceResult) -> RenderableType:
+    estimate = Text.assemble((_num(r.estimate), "bold cyan"))
+    if r.stderr:
+        estimate.append(f" ± {_num(r.stderr, '.2g')}")
+    rows: list[tuple[str, RenderableType | str]] = [
+        ("trace", estimate),
+        ("95% CI", f"[{_num(r.ci_low)}, {_num(r.ci_high)}]"),
+        ("method", f"{r.method} · {r.n_probes:,} probes · {r.n_hvp:,} HVPs"),
+        ("converged", _tick(r.converged)),
+    ]
+    parts: list[RenderableType] = [_kv(rows)]
+    if r.groups:
+        ranked = sorted(r.groups, key=lambda g: abs(g.estimate), reverse=True)
+        table = Table(box=None, header_style="bold")
+        table.add_column("parameter")
+        table.add_column("trace", justify="right")
+        table.add_column("± stderr", justify="right")
+        table.add_column("share", justify="right")
+        for g in ranked[:_TOP_GROUPS]:
+            share = f"{g.estimate / r.estimate:.1%}" if r.estimate else "–"
+            table.add_row(g.name, _num(g.estimate), _num(g.stderr, ".2g"), share)
+        parts.append(Text(""))
+        parts.append(Text("per-parameter trace, largest |trace| first", style="bold"))
+        parts.append(table)
+        if len(ranked) > _TOP_GROUPS:
+            parts.append(Text(f"… and {len(ranked) - _TOP_GROUPS} more parameter tensors", style="dim"))
+    return Group(*parts)
+
+
+def _eigs_body(r: EigsResult) -> RenderableType:
+    table = Table(box=None, header_style="bold")
+    table.add_column("rank", justify="right")
+    table.add_column("which")
+    table.add_column("eigenvalue", justify="right", style="cyan")
+    table.add_column("residual", justify="right")
+    table.add_column("converged", justify="center")
+    for value, residual, conv, which, rank in zip(r.eigenvalues, r.residuals, r.converged, r.which, r.rank):
+        table.add_row(str(rank), which, _num(value, ".6g"), _num(residual, ".2e"), _tick(bool(conv)))
+    n_conv = sum(bool(c) for c in r.converged)
+    note = Text(
+        f"{n_conv}/{len(r.converged)} converged · {r.n_iter} iterations · {r.n_hvp:,} HVPs",
+        style="dim" if n_conv == len(r.converged) else "yellow",
+    )
+    return Group(table, note)
+
+
+def _extremes_body(r: ExtremesResult) -> RenderableType:
+    rows: list[tuple[str, RenderableType | str]] = [
+        ("λ_max", Text.assemble((_num(r.lambda_max, ".6g"), "bold cyan"), f"  (residual {_num(r.residual_max, '.2e')})")),
+        ("λ_min", Text.assemble((_num(r.lambda_min, ".6g"), "bold cyan"), f"  (residual {_num(r.residual_min, '.2e')})")),
+        ("condition number", _num(r.condition_number)),
+        ("negative ratio", _num(r.negative_ratio, ".4g")),
+        ("converged", _tick(r.converged)),
+        ("HVPs", f"{r.n_hvp:,}"),
+    ]
+    return _kv(rows)
+
+
+def _pooled_max(values: list[float], width: int) -> list[float]:
+    """Downsample to ``width`` bins keeping each bin's maximum (isolated outliers stay visible)."""
+    n = len(values)
+    if n <= width:
+        return values
+    bins = []
+    for b in range(width):
+        lo, hi = b * n // width, (b + 1) * n // width
+        chunk = [v for v in values[lo:max(hi, lo + 1)] if math.isfinite(v)]
+        bins.append(max(chunk) if chunk else math.nan)
+    return bins
+
+
+def _axis(lo: float, hi: float, width: int) -> str:
+    """A label line under a sparkline: min at the left, 0 where it falls, max at the right."""
+    left, right = _num(lo, ".3g"), _num(hi, ".3g")
+    line = [" "] * width
+    line[: len(left)] = left
+    line[width - len(right) :] = right
+    if lo < 0 < hi and hi > lo:
+        pos = int((0 - lo) / (hi - lo) * (width - 1))
+        if len(left) + 1 < pos < width - len(right) - 1:
+            line[pos] = "0"
+    return "".join(line)
+
+
+def _density_body(r: DensityResult) -> RenderableType:
+    grid = r.grid.detach().to("cpu", torch.float64).reshape(-1).tolist()
+    dens = r.density.detach().to("cpu", torch.float64).reshape(-1).tolist()
+    nodes = r.nodes if r.nodes.ndim == 2 else r.nodes.reshape(1, -1)
+    n_runs, n_iters = int(nodes.shape[0]), int(nodes.shape[1])
+    lo, hi = (grid[0], grid[-1]) if grid else (math.nan, math.nan)
+    peak = max((v for v in dens if math.isfinite(v)), default=0.0)
+    # Below a millionth of the peak counts as empty (as on the plots' log axis).
+    pooled = [v if v >= peak * _DENSITY_FLOOR else math.nan for v in _pooled_max(dens, _DENSITY_WIDTH)]
+    width = len(pooled)
+    spark = Text(sparkline(pooled, log=True), style="cyan")
+    rows: list[tuple[str, RenderableType | str]] = [
+        ("log density", spark),  # blank where the density is below 1e-6 of its peak
+        ("λ", Text(_axis(lo, hi, width), style="dim")),
+        ("range", f"[{_num(lo)}, {_num(hi)}]"),
+        ("σ", _num(r.sigma, ".3g")),
+        ("SLQ", f"{n_runs} runs × {n_iters} iters · {r.n_hvp:,} HVPs"),
+    ]
+    return _kv(rows)
+
+
+_BODIES = {
+    TraceResult: _trace_body,
+    EigsResult: _eigs_body,
+    ExtremesResult: _extremes_body,
+    DensityResult: _density_body,
+}
+
+
+def render_outcome(outcome: Outcome, console: Console) -> None:
+    """Print one analysis as a compact panel (or one red line when it failed).
+
+    Args:
+        outcome: the analysis to show.
+        console: where to print (the CLI's stdout console).
+    """
+    run = outcome.run
+    name = PurePath(run.checkpoint).name or run.checkpoint
+    if run.status != "ok" or outcome.result is None:
+        line = Text.assemble(
+            ("✗ ", "bold red"),
+            (f"{run.analysis} failed", "bold red"),
+            f" on {run.checkpoint} (step {_step(run.step)}): ",
+            (run.error or "no result", "red"),
+        )
+        console.print(line)
+        return
+    body = _BODIES[type(outcome.result)](outcome.result)  # type: ignore[operator]
+    title = Text.assemble((run.analysis, "bold"), f" · {name} · step {_step(run.step)}")
+    console.print(Panel(Group(body, Text(""), _footer(run)), title=title, title_align="left", expand=False))
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def _jsonable(x: Any) -> Any:
+    """Recursively convert to strict-JSON types; NaN and ±inf become ``None``."""
+    if x is None or isinstance(x, (bool, str)):
+        return x
+    if isinstance(x, int):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.detach().to("cpu").tolist())
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (os.PathLike, PurePath)):
+        return os.fspath(x)
+    tolist = getattr(x, "tolist", None)  # numpy arrays and scalars
+    if callable(tolist):
+        return _jsonable(tolist())
+    return str(x)
+
+
+def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
+    """A JSON-serialisable view of one outcome.
+
+    Args:
+        outcome: the analysis.
+
+    Returns:
+        ``{"run": {RunInfo fields}, "result": {result fields} | None, "extra": {...}}``.
+        Tensors become (nested) lists, eigenvectors are omitted, and NaN/±inf become
+        ``None`` so the output is strict JSON.
+
+    Example:
+        >>> from hesscli.results.records import RunInfo, Outcome, ExtremesResult
+        >>> run = RunInfo("r1", "a.pt", "", 5, "extremes", "native", "lanczos", "hessian", "cpu",
+        ...               "float64", 0, 10, 4, 0.1, 40, 0.01, "0.1.0", "2.0", "2025-01-01T00:00:00Z")
+        >>> d = outcome_to_json(Outcome(run, ExtremesResult(3.0, 0.0, float("inf"), 0.0, 0, 0, True, 40)))
+        >>> d["result"]["lambda_max"], d["result"]["condition_number"]
+        (3.0, None)
+    """
+    result: dict[str, Any] | None = None
+    if outcome.result is not None:
+        result = {
+            f.name: _jsonable(getattr(outcome.result, f.name))
+            for f in dataclasses.fields(outcome.result)
+            if f.name != "eigenvectors"
+        }
+    return {"run": _jsonable(outcome.run), "result": result, "extra": _jsonable(dict(outcome.extra))}
+
+
+def render_json(outcomes: Sequence[Outcome], file: TextIO) -> None:
+    """Write outcomes as one strict JSON array (always a list, even for one outcome).
+
+    Args:
+        outcomes: analyses to write.
+        file: a text stream, e.g. ``sys.stdout``.
+    """
+    json.dump([outcome_to_json(o) for o in outcomes], file, indent=2, allow_nan=False)
+    file.write("\n")
+
+
+# ----------------------------------------------------------------------------- scan summary
+
+
+def _short_names(paths: Sequence[str]) -> dict[str, str]:
+    """Checkpoint paths relative to their common folder (the bare name for one file)."""
+    unique = sorted(set(paths))
+    if len(unique) <= 1:
+        return {p: PurePath(p).name or p for p in unique}
+    try:
+        root = os.path.commonpath(unique)
+    except ValueError:
+        return {p: p for p in unique}
+    if root in unique:  # every path is the same file
+        root = os.path.dirname(root)
+    return {p: os.path.relpath(p, root) if root else p for p in unique}
+
+
+def _by_run(df: pd.DataFrame | None, run_ids: set[str], mask: Any = None) -> dict[str, pd.Series]:
+    if df is None or df.empty:
+        return {}
+    sel = df[df["run_id"].isin(run_ids)]
+    if mask is not None:
+        sel = sel[mask(sel)]
+    return {str(row["run_id"]): row for _, row in sel.iterrows()}
+
+
+def _value(row: pd.Series | None, column: str) -> float | None:
+    if row is None:
+        return None
+    v = row[column]
+    return None if pd.isna(v) else float(v)
+
+
+def render_scan_summary(
+    tables: pd.DataFrame | Mapping[str, pd.DataFrame],
+    console: Console,
+    *,
+    trace: pd.DataFrame | None = None,
+    eigs: pd.DataFrame | None = None,
+    extremes: pd.DataFrame | None = None,
+    run_ids: Collection[str] | None = None,
+    checkpoints: Collection[str] | None = None,
+) -> None:
+    """Print one row per checkpoint (ordered by step) with trends, then the failures.
+
+    Numbers come from the newest ok run of each (checkpoint, analysis); the status from
+    the newest attempt. λ_max/λ_min come from ``extremes`` when present, else from the
+    rank-1 ``eigs`` rows.
+
+    Args:
+        tables: the ``runs`` table as :func:`hesscli.results.parquet.read_table` returns it,
+            or a mapping of table name -> DataFrame holding ``runs`` and any of ``trace``,
+            ``eigs``, ``extremes``.
+        console: where to print.
+        trace: the ``trace`` table (its ``param_group == "all"`` rows are used); overrides ``tables``.
+        eigs: the ``eigs`` table; overrides ``tables``.
+        extremes: the ``extremes`` table; overrides ``tables``.
+        run_ids: restrict to these runs (e.g. those a scan just wrote); all when ``None``.
+        checkpoints: restrict to these checkpoint paths (as in the ``checkpoint`` column).
+    """
+    if isinstance(tables, pd.DataFrame):
+        runs = tables
+    else:
+        runs = tables["runs"] if "runs" in tables else empty_frame("runs")
+        trace = trace if trace is not None else tables.get("trace")
+        eigs = eigs if eigs is not None else tables.get("eigs")
+        extremes = extremes if extremes is not None else tables.get("extremes")
+    if run_ids is not None:
+        runs = runs[runs["run_id"].isin(set(run_ids))]
+    if checkpoints is not None:
+        runs = runs[runs["checkpoint"].isin(set(checkpoints))]
+    if runs.empty:
+        console.print(Text("no runs to summarise", style="dim"))
+        return
+
+    attempts = runs.sort_values("started_at", kind="stable").groupby(["checkpoint", "analysis"], sort=False).tail(1)
+    failed = attempts[attempts["status"] != "ok"]
+    ok = latest_ok_runs(runs)
+    ok_ids = set(ok["run_id"].astype(str))
+
+    trace_rows = _by_run(trace, ok_ids, lambda d: d["param_group"] == TOTAL_GROUP)
+    ext_rows = _by_run(extremes, ok_ids)
+    top = _by_run(eigs, ok_ids, lambda d: (d["rank"] == 1) & (d["which"] == "largest"))
+    bottom = _by_run(eigs, ok_ids, lambda d: (d["rank"] == 1) & (d["which"] == "smallest"))
+
+    ckpt_table = (
+        runs[["checkpoint", "step"]]
+        .drop_duplicates("checkpoint")
+        .sort_values(["step", "checkpoint"], na_position="last", kind="stable")
+    )
+    names = _short_names(list(ckpt_table["checkpoint"].astype(str)))
+
+    summary: list[dict[str, Any]] = []
+    for ckpt, step in zip(ckpt_table["checkpoint"], ckpt_table["step"]):
+        mine = ok[ok["checkpoint"] == ckpt]
+        ids = dict(zip(mine["analysis"], mine["run_id"].astype(str)))
+        t = trace_rows.get(ids.get("trace", ""))
+        e = ext_rows.get(ids.get("extremes", ""))
+        lmax = _value(e, "lambda_max") if e is not None else _value(top.get(ids.get("eigs", "")), "eigenvalue")
+        lmin = _value(e, "lambda_min") if e is not None else _value(bottom.get(ids.get("eigs", "")), "eigenvalue")
+        bad = sorted(failed[failed["checkpoint"] == ckpt]["analysis"].astype(str))
+        summary.append(
+            {
+                "step": step,
+                "name": names[str(ckpt)],
+                "trace": _value(t, "estimate"),
+                "stderr": _value(t, "stderr"),
+                "lmax": lmax,
+                "lmin": lmin,
+                "failed": bad,
+            }
+        )
+
+    table = Table(title="curvature across checkpoints", title_justify="left", show_footer=len(summary) > 1)
+    table.add_column("step", justify="right", footer="")
+    table.add_column("checkpoint", footer=Text("trend", style="dim"))
+    table.add_column("trace ± stderr", justify="right", footer=Text(sparkline([s["trace"] for s in summary]), style="cyan"))
+    table.add_column("λ_max", justify="right", footer=Text(sparkline([s["lmax"] for s in summary]), style="cyan"))
+    table.add_column("λ_min", justify="right")
+    table.add_column("status")
+    for s in summary:
+        trace_cell = _num(s["trace"])
+        if s["trace"] is not None and s["stderr"]:
+            trace_cell += f" ± {_num(s['stderr'], '.2g')}"
+        status = Text("failed: " + ", ".join(s["failed"]), style="red") if s["failed"] else Text("ok", style="green")
+        table.add_row(_step(s["step"]), s["name"], trace_cell, _num(s["lmax"], ".5g"), _num(s["lmin"], ".5g"), status)
+    console.print(table)
+
+    n_ckpt = len(summary)
+    n_bad = sum(bool(s["failed"]) for s in summary)
+    console.print(
+        Text(f"{_plural(n_ckpt, 'checkpoint')} · {_plural(len(runs), 'run')} · {n_bad} with failures", style="dim")
+    )
+    if not failed.empty:
+        console.print(Text("failed:", style="bold red"))
+        for _, row in failed.sort_values(["step", "checkpoint"], na_position="last", kind="stable").iterrows():
+            console.print(
+                Text.assemble(
+                    ("  ✗ ", "red"),
+                    f"{row['checkpoint']} (step {_step(row['step'])}) · {row['analysis']}: ",
+                    (str(row["error"]) if not pd.isna(row["error"]) else "no error recorded", "red"),
+                )
+            )

@@ -1,0 +1,463 @@
+"""Table names and column schemas in one place, and the rows each result becomes.
+
+Every table is a tidy, long-format Parquet dataset (see DESIGN.md, "Outputs"). Each row
+carries ``run_id``, ``checkpoint`` and ``step`` so tables join on ``run_id`` and sort on
+``step``. The ``runs`` table has one row per analysis of one checkpoint, ok or failed;
+the analysis tables hold the numbers of the ok runs.
+
+Example:
+    >>> sorted(TABLES)
+    ['density', 'eigs', 'extremes', 'ritz', 'runs', 'trace']
+    >>> TABLES["eigs"].names
+    ['run_id', 'checkpoint', 'step', 'rank', 'which', 'eigenvalue', 'residual', 'converged']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from hesscli.errors import InputError
+from hesscli.results.records import (
+    DensityResult,
+    EigsResult,
+    ExtremesResult,
+    Outcome,
+    RunInfo,
+    TraceResult,
+)
+
+__all__ = [
+    "TABLES",
+    "ANALYSIS_TABLES",
+    "TOTAL_GROUP",
+    "outcome_rows",
+    "collect_rows",
+    "outcomes_to_frames",
+    "empty_frame",
+    "table_to_frame",
+    "latest_ok_runs",
+    "eigenvectors_to_save",
+    "save_eigenvectors",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``param_group`` value of the row holding the trace of the whole (selected) Hessian.
+TOTAL_GROUP = "all"
+
+_KEY_FIELDS = [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("checkpoint", pa.string(), nullable=False),
+    pa.field("step", pa.int64()),
+]
+
+
+def _schema(*fields: pa.Field) -> pa.Schema:
+    return pa.schema([*_KEY_FIELDS, *fields])
+
+
+#: Table name -> fixed Arrow schema. Every part file of a table is written with it.
+TABLES: dict[str, pa.Schema] = {
+    "runs": pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("checkpoint", pa.string(), nullable=False),
+            pa.field("checkpoint_sha256", pa.string()),
+            pa.field("step", pa.int64()),
+            pa.field("analysis", pa.string()),
+            pa.field("backend", pa.string()),
+            pa.field("method", pa.string()),
+            pa.field("curvature", pa.string()),
+            pa.field("device", pa.string()),
+            pa.field("dtype", pa.string()),
+            pa.field("seed", pa.int64()),
+            pa.field("n_params", pa.int64()),
+            pa.field("n_samples", pa.int64()),
+            pa.field("loss_value", pa.float64()),
+            pa.field("n_hvp", pa.int64()),
+            pa.field("seconds", pa.float64()),
+            pa.field("hesscli_version", pa.string()),
+            pa.field("torch_version", pa.string()),
+            pa.field("started_at", pa.string()),
+            pa.field("status", pa.string()),
+            pa.field("error", pa.string()),
+            pa.field("options", pa.string()),
+        ]
+    ),
+    "trace": _schema(
+        pa.field("param_group", pa.string()),
+        pa.field("estimate", pa.float64()),
+        pa.field("stderr", pa.float64()),
+        pa.field("ci_low", pa.float64()),
+        pa.field("ci_high", pa.float64()),
+        pa.field("n_probes", pa.int64()),
+        pa.field("method", pa.string()),
+        pa.field("converged", pa.bool_()),
+    ),
+    "eigs": _schema(
+        pa.field("rank", pa.int64()),
+        pa.field("which", pa.string()),
+        pa.field("eigenvalue", pa.float64()),
+        pa.field("residual", pa.float64()),
+        pa.field("converged", pa.bool_()),
+    ),
+    "extremes": _schema(
+        pa.field("lambda_max", pa.float64()),
+        pa.field("lambda_min", pa.float64()),
+        pa.field("condition_number", pa.float64()),
+        pa.field("negative_ratio", pa.float64()),
+        pa.field("residual_max", pa.float64()),
+        pa.field("residual_min", pa.float64()),
+        pa.field("converged", pa.bool_()),
+    ),
+    "density": _schema(
+        pa.field("grid", pa.float64()),
+        pa.field("density", pa.float64()),
+        pa.field("sigma", pa.float64()),
+    ),
+    "ritz": _schema(
+        pa.field("run", pa.int64()),
+        pa.field("index", pa.int64()),
+        pa.field("node", pa.float64()),
+        pa.field("weight", pa.float64()),
+        pa.field("alpha", pa.float64()),
+        pa.field("beta", pa.float64()),
+    ),
+}
+
+#: Tables holding analysis numbers, in the order they are written (``runs`` comes last).
+ANALYSIS_TABLES: tuple[str, ...] = ("trace", "eigs", "extremes", "density", "ritz")
+
+
+def _key(run: RunInfo) -> dict[str, Any]:
+    return {"run_id": run.run_id, "checkpoint": run.checkpoint, "step": run.step}
+
+
+def _floats(x: torch.Tensor | Sequence[float]) -> list[float]:
+    if isinstance(x, torch.Tensor):
+        return [float(v) for v in x.detach().to("cpu", torch.float64).reshape(-1).tolist()]
+    return [float(v) for v in x]
+
+
+def _matrix(x: torch.Tensor) -> list[list[float]]:
+    """``[runs, n]`` (or ``[n]`` for a single run) tensor -> nested float lists."""
+    t = x.detach().to("cpu", torch.float64)
+    if t.ndim == 1:
+        t = t.unsqueeze(0)
+    return [[float(v) for v in row] for row in t.tolist()]
+
+
+def _trace_rows(run: RunInfo, r: TraceResult) -> list[dict[str, Any]]:
+    common = {"n_probes": int(r.n_probes), "method": r.method, "converged": bool(r.converged)}
+    rows = [
+        {
+            **_key(run),
+            "param_group": TOTAL_GROUP,
+            "estimate": float(r.estimate),
+            "stderr": float(r.stderr),
+            "ci_low": float(r.ci_low),
+            "ci_high": float(r.ci_high),
+            **common,
+        }
+    ]
+    for g in r.groups:
+        rows.append(
+            {
+                **_key(run),
+                "param_group": g.name,
+                "estimate": float(g.estimate),
+                "stderr": float(g.stderr),
+                "ci_low": float(g.ci_low),
+                "ci_high": float(g.ci_high),
+                **common,
+            }
+        )
+    return rows
+
+
+def _eigs_rows(run: RunInfo, r: EigsResult) -> list[dict[str, Any]]:
+    return [
+        {
+            **_key(run),
+            "rank": int(rank),
+            "which": which,
+            "eigenvalue": float(value),
+            "residual": float(residual),
+            "converged": bool(conv),
+        }
+        for value, residual, conv, which, rank in zip(
+            r.eigenvalues, r.residuals, r.converged, r.which, r.rank, strict=True
+        )
+    ]
+
+
+def _extremes_rows(run: RunInfo, r: ExtremesResult) -> list[dict[str, Any]]:
+    return [
+        {
+            **_key(run),
+            "lambda_max": float(r.lambda_max),
+            "lambda_min": float(r.lambda_min),
+            "condition_number": float(r.condition_number),
+            "negative_ratio": float(r.negative_ratio),
+            "residual_max": float(r.residual_max),
+            "residual_min": float(r.residual_min),
+            "converged": bool(r.converged),
+        }
+    ]
+
+
+def _density_rows(run: RunInfo, r: DensityResult) -> list[dict[str, Any]]:
+    grid, density = _floats(r.grid), _floats(r.density)
+    if len(grid) != len(density):
+        raise ValueError(f"density of run {run.run_id}: grid has {len(grid)} points, density {len(density)}")
+    return [
+        {**_key(run), "grid": x, "density": y, "sigma": float(r.sigma)} for x, y in zip(grid, density)
+    ]
+
+
+def _ritz_rows(run: RunInfo, r: DensityResult) -> list[dict[str, Any]]:
+    nodes, weights = _matrix(r.nodes), _matrix(r.weights)
+    alphas, betas = _matrix(r.alphas), _matrix(r.betas)
+    rows: list[dict[str, Any]] = []
+    for i_run, (run_nodes, run_weights) in enumerate(zip(nodes, weights, strict=True)):
+        run_alphas = alphas[i_run] if i_run < len(alphas) else []
+        run_betas = betas[i_run] if i_run < len(betas) else []
+        for index, (node, weight) in enumerate(zip(run_nodes, run_weights, strict=True)):
+            rows.append(
+                {
+                    **_key(run),
+                    "run": i_run,
+                    "index": index,
+                    "node": node,
+                    "weight": weight,
+                    "alpha": run_alphas[index] if index < len(run_alphas) else None,
+                    "beta": run_betas[index] if index < len(run_betas) else None,
+                }
+            )
+    return rows
+
+
+def outcome_rows(outcome: Outcome) -> dict[str, list[dict[str, Any]]]:
+    """Turn one outcome into table rows.
+
+    Args:
+        outcome: one analysis of one checkpoint.
+
+    Returns:
+        Table name -> list of row dicts keyed by that table's columns. Always holds
+        ``"runs"`` (one row); the analysis tables appear only when the outcome has a
+        result (a failed outcome yields only its ``runs`` row). A density result fills
+        both ``density`` (the broadened curve) and ``ritz`` (nodes, weights and the
+        Lanczos coefficients of every run; ``beta`` is null on each run's last index).
+
+    Example:
+        >>> from hesscli.results.records import RunInfo, Outcome
+        >>> run = RunInfo("r1", "a.pt", "", 5, "trace", "native", "exact", "hessian", "cpu",
+        ...               "float64", 0, 10, 4, 0.1, 10, 0.01, "0.1.0", "2.0", "2025-01-01T00:00:00Z",
+        ...               status="failed", error="boom")
+        >>> list(outcome_rows(Outcome(run, None)))
+        ['runs']
+    """
+    run = outcome.run
+    run_row = dataclasses.asdict(run)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    result = outcome.result
+    if isinstance(result, TraceResult):
+        rows["trace"] = _trace_rows(run, result)
+    elif isinstance(result, EigsResult):
+        rows["eigs"] = _eigs_rows(run, result)
+    elif isinstance(result, ExtremesResult):
+        rows["extremes"] = _extremes_rows(run, result)
+    elif isinstance(result, DensityResult):
+        rows["density"] = _density_rows(run, result)
+        rows["ritz"] = _ritz_rows(run, result)
+    elif result is not None:
+        raise TypeError(f"outcome of run {run.run_id}: unknown result type {type(result).__name__}")
+    rows["runs"] = [run_row]
+    return rows
+
+
+def collect_rows(outcomes: Iterable[Outcome]) -> dict[str, list[dict[str, Any]]]:
+    """Rows of several outcomes, concatenated per table (tables without rows are absent).
+
+    Args:
+        outcomes: analyses to turn into rows.
+
+    Returns:
+        Table name -> rows, in :data:`TABLES` order.
+    """
+    merged: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
+    for outcome in outcomes:
+        for name, rows in outcome_rows(outcome).items():
+            merged[name].extend(rows)
+    return {name: rows for name, rows in merged.items() if rows}
+
+
+def _types_mapper(dtype: pa.DataType) -> Any:
+    # Integers stay integers when a value is null (``step`` of a checkpoint without one).
+    if pa.types.is_integer(dtype):
+        return pd.Int64Dtype()
+    return None
+
+
+def table_to_frame(table: pa.Table) -> pd.DataFrame:
+    """Arrow table -> DataFrame, with nullable ``Int64`` integer columns.
+
+    Args:
+        table: a table with one of the :data:`TABLES` schemas.
+
+    Returns:
+        The DataFrame; ``step`` stays an integer column even when some steps are null.
+    """
+    return table.to_pandas(types_mapper=_types_mapper)
+
+
+def empty_frame(name: str) -> pd.DataFrame:
+    """An empty DataFrame with the columns and dtypes of table ``name``.
+
+    Args:
+        name: one of :data:`TABLES`.
+
+    Returns:
+        A zero-row DataFrame.
+
+    Raises:
+        InputError: ``name`` is not a table.
+    """
+    return table_to_frame(_schema_of(name).empty_table())
+
+
+def _schema_of(name: str) -> pa.Schema:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise InputError(
+            f"table {name!r}: unknown table; choose one of {', '.join(TABLES)}"
+        ) from None
+
+
+def outcomes_to_frames(outcomes: Iterable[Outcome]) -> dict[str, pd.DataFrame]:
+    """The tables of some outcomes as DataFrames, typed exactly as :func:`read_table` returns them.
+
+    Args:
+        outcomes: analyses to tabulate (e.g. those a scan just ran).
+
+    Returns:
+        Every table name -> DataFrame (empty, with the right columns, when no rows).
+    """
+    rows = collect_rows(outcomes)
+    return {
+        name: table_to_frame(pa.Table.from_pylist(rows[name], schema=schema)) if name in rows else empty_frame(name)
+        for name, schema in TABLES.items()
+    }
+
+
+def latest_ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Keep, for each (checkpoint, analysis), the ok run that started last.
+
+    Reruns of the same checkpoint append new rows; readers that want one number per
+    checkpoint use this to pick the newest successful one.
+
+    Args:
+        runs: the ``runs`` table (or part of it).
+
+    Returns:
+        The selected rows, ordered by step (unknown steps last), checkpoint, analysis.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"run_id": ["a", "b", "c"], "checkpoint": ["x.pt"] * 3,
+        ...     "step": [1, 1, 1], "analysis": ["eigs"] * 3, "status": ["ok", "ok", "failed"],
+        ...     "started_at": ["2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z", "2025-01-03T00:00:00Z"]})
+        >>> latest_ok_runs(df)["run_id"].tolist()
+        ['b']
+    """
+    ok = runs[runs["status"] == "ok"]
+    if ok.empty:
+        return ok.copy()
+    latest = ok.sort_values("started_at", kind="stable").groupby(["checkpoint", "analysis"], sort=False).tail(1)
+    order = ["step", "checkpoint", "analysis"]
+    return latest.sort_values(order, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def eigenvectors_to_save(outcome: Outcome) -> torch.Tensor | None:
+    """The eigenvectors an outcome carries, if any.
+
+    Args:
+        outcome: any outcome.
+
+    Returns:
+        ``[n_params, k]`` tensor for an eigs result computed with eigenvectors, else ``None``.
+    """
+    result = outcome.result
+    if isinstance(result, EigsResult) and result.eigenvectors is not None:
+        return result.eigenvectors
+    return None
+
+
+def save_eigenvectors(out_dir: Path, outcome: Outcome) -> Path:
+    """Save an eigs outcome's eigenvectors to ``OUT/vectors/<run_id>.pt`` (atomically).
+
+    The file holds a dict loadable with ``torch.load(path, weights_only=True)``:
+    ``eigenvectors`` (``[n_params, k]``, column ``j`` belongs to ``eigenvalues[j]``),
+    ``eigenvalues``, ``which``, ``rank``, ``run_id``, ``checkpoint``, ``step``.
+
+    Args:
+        out_dir: the results directory (``--out``).
+        outcome: an eigs outcome computed with eigenvectors.
+
+    Returns:
+        The written path.
+
+    Raises:
+        InputError: the outcome has no eigenvectors, or the directory is not writable.
+    """
+    vectors = eigenvectors_to_save(outcome)
+    run = outcome.run
+    if vectors is None:
+        raise InputError(
+            f"run {run.run_id} ({run.analysis} of {run.checkpoint}): no eigenvectors to save; "
+            "compute them with `hesscli eigs --save-vectors`"
+        )
+    result = outcome.result
+    assert isinstance(result, EigsResult)
+    payload = {
+        "eigenvectors": vectors.detach().to("cpu").contiguous(),
+        "eigenvalues": torch.tensor(result.eigenvalues, dtype=torch.float64),
+        "which": list(result.which),
+        "rank": list(result.rank),
+        "run_id": run.run_id,
+        "checkpoint": run.checkpoint,
+        "step": run.step,
+    }
+    folder = Path(out_dir) / "vectors"
+    path = folder / f"{run.run_id}.pt"
+    tmp = folder / f".{run.run_id}.{uuid.uuid4().hex}.pt.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(
+            f"--out {out_dir}: cannot write {path} ({e.strerror or e}); choose a writable directory"
+        ) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.debug("saved %d eigenvectors of run %s to %s", vectors.shape[-1], run.run_id, path)
+    return path
+

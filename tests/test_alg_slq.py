@@ -1,0 +1,190 @@
+"""Stochastic Lanczos quadrature and broadening on dense matrices with known spectra."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import wasserstein_distance
+
+from hesscli.algorithms import broaden, probes, slq
+from hesscli.errors import InputError
+from hesscli.operators.base import DenseOperator
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread avoids OpenMP overhead on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def symmetric(eigs, seed: int = 0) -> torch.Tensor:
+    """``Q diag(eigs) Qᵀ`` with a random orthogonal ``Q``."""
+    eigs = torch.as_tensor(eigs, dtype=F64)
+    Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=gen(1000 + seed), dtype=F64))
+    return (Q * eigs) @ Q.T
+
+
+# A bulk on [-0.5, 1.5] plus outliers on both sides, like a Hessian with negative curvature.
+SPECTRUM = torch.cat([
+    torch.rand(390, generator=gen(5), dtype=F64) * 2 - 0.5,
+    torch.tensor([5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, -1.5, -2.0, -3.0], dtype=F64),
+])
+RUNS, ITERS = 10, 40
+
+
+@pytest.fixture(scope="module")
+def case():
+    M = symmetric(SPECTRUM, 2)
+    A = DenseOperator(M)
+    return M, A, slq(A, iters=ITERS, runs=RUNS, generator=gen())
+
+
+def test_shapes_dtypes_and_product_count(case):
+    _, A, r = case
+    assert r.nodes.shape == r.weights.shape == r.alphas.shape == (RUNS, ITERS)
+    assert r.betas.shape == (RUNS, ITERS - 1)
+    for t in (r.nodes, r.weights, r.alphas, r.betas, r.grid, r.density):
+        assert t.dtype == F64 and t.device.type == "cpu"
+    assert r.n_hvp == RUNS * ITERS == A.n_matvecs
+
+
+def test_density_integrates_to_one_on_an_even_grid(case):
+    _, _, r = case
+    assert r.grid.shape == r.density.shape == (1000,)
+    assert float(torch.trapezoid(r.density, r.grid)) == pytest.approx(1.0, abs=1e-12)
+    steps = r.grid.diff()
+    assert torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-9)
+    assert bool((r.density >= 0).all())
+    assert r.grid[0] < r.nodes.min() and r.grid[-1] > r.nodes.max()
+
+
+def test_nodes_lie_in_the_spectrum_and_weights_sum_to_one(case):
+    _, _, r = case
+    span = float(SPECTRUM.max() - SPECTRUM.min())
+    assert float(r.nodes.min()) >= float(SPECTRUM.min()) - 1e-10 * span
+    assert float(r.nodes.max()) <= float(SPECTRUM.max()) + 1e-10 * span
+    assert torch.allclose(r.weights.sum(1), torch.ones(RUNS, dtype=F64), atol=1e-12)
+    assert bool((r.weights >= 0).all())
+
+
+def test_nodes_and_weights_are_the_quadrature_of_the_tridiagonal(case):
+    _, _, r = case
+    for run in range(RUNS):
+        T = torch.diag(r.alphas[run]) + torch.diag(r.betas[run], 1) + torch.diag(r.betas[run], -1)
+        theta, S = torch.linalg.eigh(T)
+        assert torch.allclose(theta, r.nodes[run], atol=1e-12)
+        assert torch.allclose(S[0] ** 2, r.weights[run], atol=1e-12)
+
+
+def test_quadrature_trace_matches_the_probes_and_the_mean_eigenvalue(case):
+    M, _, r = case
+    n = M.shape[0]
+    per_run = (r.weights * r.nodes).sum(1)
+    z = probes(n, RUNS, generator=gen(), dtype=F64, device="cpu")  # the start vectors slq drew
+    assert torch.allclose(per_run, (z * (M @ z)).sum(0) / n, rtol=1e-10)
+    # Var(zᵀ M z) = 2 Σ_{i≠j} M_ij² for Rademacher z.
+    se = math.sqrt(2 * float((M**2).sum() - (M.diagonal() ** 2).sum()) / RUNS) / n
+    assert abs(float(per_run.mean()) - float(SPECTRUM.mean())) < 4 * se
+
+
+def test_slq_measure_is_close_to_the_true_spectrum(case):
+    _, _, r = case
+    w1 = wasserstein_distance(r.nodes.flatten().numpy(), SPECTRUM.numpy(), r.weights.flatten().numpy())
+    assert w1 < 0.01 * float(SPECTRUM.max() - SPECTRUM.min())
+
+
+def test_density_has_mass_where_the_spectrum_is(case):
+    _, _, r = case
+    in_bulk = (r.grid >= -0.5) & (r.grid <= 1.5)
+    mass = float(torch.trapezoid(r.density * in_bulk, r.grid))
+    assert mass == pytest.approx(390 / 400, abs=0.1)
+
+
+def test_broaden_reproduces_the_density(case):
+    _, _, r = case
+    x, p, sigma = broaden(r.nodes, r.weights)
+    assert torch.equal(x, r.grid) and torch.equal(p, r.density) and sigma == r.sigma
+    span = float(x[-1] - x[0])
+    assert sigma == pytest.approx(span / ((ITERS - 1) * math.sqrt(8 * math.log(3))), rel=1e-12)
+    x2, p2, s2 = broaden(r.nodes, r.weights, sigma=0.05, grid=300)
+    assert s2 == 0.05 and x2.shape == (300,)
+    assert float(torch.trapezoid(p2, x2)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_explicit_sigma_is_used():
+    A = DenseOperator(symmetric(torch.linspace(0.0, 1.0, 30)))
+    r = slq(A, iters=8, runs=2, generator=gen(), sigma=0.02, grid=50)
+    assert r.sigma == 0.02 and r.grid.shape == (50,)
+
+
+def test_same_seed_and_block_size_do_not_change_the_result(case):
+    M, _, r = case
+    A = DenseOperator(M)
+    again = slq(A, iters=ITERS, runs=RUNS, generator=gen())
+    assert torch.equal(again.nodes, r.nodes) and torch.equal(again.density, r.density)
+    for block in (1, 3):
+        other = slq(A, iters=ITERS, runs=RUNS, generator=gen(), block_size=block)
+        assert torch.allclose(other.nodes, r.nodes, atol=1e-10)
+        assert torch.allclose(other.weights, r.weights, atol=1e-10)
+    assert A.n_matvecs == 3 * RUNS * ITERS
+
+
+def test_breakdown_stops_runs_early_and_pads_with_zero_weight():
+    eigs = torch.tensor([1.0, 1.0, 2.0, 2.0, 2.0, 5.0], dtype=F64)
+    A = DenseOperator(symmetric(eigs, 8))
+    r = slq(A, iters=10, runs=3, generator=gen())
+    assert r.n_hvp == 3 * 3 == A.n_matvecs  # three distinct eigenvalues: three steps per run
+    assert torch.allclose(r.nodes[:, :3], torch.tensor([1.0, 2.0, 5.0], dtype=F64).expand(3, 3), atol=1e-12)
+    assert torch.equal(r.weights[:, 3:], torch.zeros(3, 7, dtype=F64))
+    assert torch.equal(r.betas[:, 2:], torch.zeros(3, 7, dtype=F64))
+    assert torch.allclose(r.weights.sum(1), torch.ones(3, dtype=F64), atol=1e-12)
+    assert bool((r.nodes <= 5.0 + 1e-12).all())
+    # The padded tridiagonal keeps the same quadrature.
+    for run in range(3):
+        T = torch.diag(r.alphas[run]) + torch.diag(r.betas[run], 1) + torch.diag(r.betas[run], -1)
+        assert torch.allclose(torch.linalg.eigvalsh(T), torch.sort(r.nodes[run]).values, atol=1e-12)
+
+
+def test_float32_operator():
+    M = symmetric(SPECTRUM, 2)
+    r = slq(DenseOperator(M.float()), iters=20, runs=3, generator=gen())
+    assert r.nodes.dtype == F64
+    assert float(r.nodes.max()) <= 12.0 * (1 + 1e-5) and float(r.nodes.min()) >= -3.0 * (1 + 1e-5)
+    assert float(torch.trapezoid(r.density, r.grid)) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"iters": 0}, "iters=0"),
+        ({"runs": 0}, "runs=0"),
+        ({"sigma": 0.0}, "sigma=0.0"),
+        ({"grid": 1}, "grid=1"),
+        ({"block_size": 0}, "block_size=0"),
+    ],
+)
+def test_slq_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        slq(DenseOperator(torch.eye(4, dtype=F64)), generator=gen(), **kwargs)
+
+
+def test_broaden_rejects_mismatched_shapes():
+    with pytest.raises(InputError, match="must be matching"):
+        broaden(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_broaden_a_point_mass():
+    x, p, _ = broaden(torch.tensor([2.0, 2.0]), torch.tensor([0.5, 0.5]))
+    assert float(x[int(p.argmax())]) == pytest.approx(2.0, abs=float(x[1] - x[0]))
+    assert float(torch.trapezoid(p, x)) == pytest.approx(1.0, abs=1e-12)

@@ -49,8 +49,11 @@ class ScanReport:
         return [o for o in self.outcomes if o.run.status != "ok"]
 
 
-def find_checkpoints(target: str | Path, pattern: str = "*") -> list[Path]:
+def find_checkpoints(target: str | Path, pattern: str = "*", exclude: Sequence[str | Path] = ()) -> list[Path]:
     """Checkpoint files under a folder (matching ``pattern``) or matching a glob.
+
+    ``exclude`` names files that are never checkpoints (the ``--data`` file when it sits in the
+    same folder).
 
     Raises:
         InputError: nothing found.
@@ -65,6 +68,8 @@ def find_checkpoints(target: str | Path, pattern: str = "*") -> list[Path]:
         paths = [Path(target_s)]
     else:
         paths = [Path(p) for p in globlib.glob(target_s, recursive=True) if Path(p).is_file()]
+    skip = {Path(e).resolve() for e in exclude}
+    paths = [p for p in paths if p.resolve() not in skip]
     if not paths:
         raise InputError(
             f"{target_s}: no checkpoint files found (looked for {', '.join(CHECKPOINT_SUFFIXES)}"
@@ -108,20 +113,21 @@ _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
-    """``"I/N"`` (0-based, as ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``) -> ``(I, N)``."""
+    """``"I/N"`` (1-based: shard I of N, e.g. ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`` with
+    ``--array=1-N``) -> ``(I, N)``."""
     m = _SHARD.match(spec)
-    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
-        raise InputError(f"--shard {spec!r}: expected I/N with 0 <= I < N, e.g. --shard 0/4")
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise InputError(f"--shard {spec!r} must look like I/N with 1 <= I <= N, e.g. --shard 2/4")
     return int(m.group(1)), int(m.group(2))
 
 
 def take_shard(entries: Sequence[CheckpointEntry], spec: str | None) -> list[CheckpointEntry]:
-    """The ``I``-th of ``N`` disjoint, deterministic parts of the ordered list (round robin, so
+    """The ``I``-th (1-based) of ``N`` disjoint, deterministic parts of the ordered list (round robin, so
     every shard spans the whole run); together the shards cover every checkpoint exactly once."""
     if not spec:
         return list(entries)
     i, n = parse_shard(spec)
-    return [e for k, e in enumerate(entries) if k % n == i]
+    return [e for k, e in enumerate(entries) if k % n == i - 1]
 
 
 def sha256_of(path: Path) -> str:
@@ -179,7 +185,8 @@ def run_scan(
     for a in analyses:
         if a not in ("trace", "eigs", "extremes", "density"):
             raise InputError(f"--analyses: unknown analysis {a!r}; choose from trace, eigs, extremes, density")
-    entries = take_shard(order_checkpoints(find_checkpoints(target, settings.glob)), settings.shard)
+    exclude = [settings.data] if settings.data and Path(settings.data).is_file() else []
+    entries = take_shard(order_checkpoints(find_checkpoints(target, settings.glob, exclude)), settings.shard)
     report = ScanReport(checkpoints=entries)
     device, dtype = resolve_device(settings.device), resolve_dtype(settings.dtype)
     loss = load_loss(settings.loss)

@@ -216,7 +216,7 @@ def density_cmd(checkpoint: CheckpointArg, *, iters: ItersOpt = None, runs: Runs
 AnalysesOpt = Annotated[Optional[str], typer.Option("--analyses", help="Comma-separated: trace,eigs,extremes,density (default all).")]
 GlobOpt = Annotated[Optional[str], typer.Option("--glob", help="File pattern inside the folder, e.g. 'ckpt_*.pt'.")]
 ResumeOpt = Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Skip (checkpoint content, analysis, options) already done (default on).")]
-ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="I/N: take the I-th (0-based) of N disjoint parts, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.")]
+ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="I/N: take part I (1-based) of N disjoint parts, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=1-N.")]
 
 
 @app.command("scan")
@@ -235,7 +235,7 @@ def scan_cmd(
 
     Example:
 
-        hesscli scan runs/exp1/ --analyses trace,eigs,density --shard 0/4
+        hesscli scan runs/exp1/ --analyses trace,eigs,density --shard 1/4
     """
     from hesscli.cli.scan_view import run_scan_command
 

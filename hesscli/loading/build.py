@@ -1,0 +1,317 @@
+"""Assemble a :class:`Problem` (model + loss + data + selected parameters) and validate it once."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from hesscli.config import Settings
+from hesscli.errors import InputError
+from hesscli.loading.checkpoint import load_checkpoint
+from hesscli.loading.data import load_data, make_dataset
+from hesscli.loading.loss import check_targets, load_loss
+from hesscli.loading.problem import Dataset, LoadedModel, LossFn, LossSpec, Problem
+from hesscli.loading.specs import one_line
+
+__all__ = [
+    "resolve_device",
+    "resolve_dtype",
+    "build_problem",
+    "load_problem",
+    "problem_from_python",
+    "model_name",
+    "distributed_context",
+]
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+_SHOWN_NAMES = 8
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU) | ``cpu`` | ``cuda`` | ``cuda:N`` -> a device.
+
+    Raises:
+        InputError: unknown spec, or CUDA (or that CUDA index) is not available here.
+    """
+    s = (spec or "auto").strip().lower()
+    if s == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(s)
+    except (RuntimeError, ValueError) as e:
+        raise InputError(f"--device {spec!r}: not a device; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise InputError(f"--device {spec!r}: unsupported device type {dev.type!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__}); "
+                         f"use --device cpu or auto")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise InputError(f"--device {spec}: only {n} CUDA device(s) here (cuda:0..cuda:{n - 1})")
+    return dev
+
+
+def resolve_dtype(spec: str) -> torch.dtype:
+    """``float32`` | ``float64`` -> the torch dtype.
+
+    Raises:
+        InputError: any other name.
+    """
+    s = (spec or "").strip().lower()
+    if s not in DTYPES:
+        raise InputError(f"--dtype {spec!r}: use float32 or float64")
+    return DTYPES[s]
+
+
+def model_name(model: nn.Module) -> str:
+    """The user's class name, also for TorchScript modules (their ``original_name``)."""
+    return str(getattr(model, "original_name", None) or type(model).__name__)
+
+
+def distributed_context() -> tuple[int, int]:
+    """``(rank, world_size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shape(t: Any) -> str:
+    return str(list(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def _select_params(model: nn.Module, globs: tuple[str, ...]) -> tuple[dict[str, Tensor], list[str]]:
+    named = list(model.named_parameters())
+    frozen = [n for n, p in named if not p.requires_grad]
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    if not named:
+        raise InputError(f"model {model_name(model)} has no parameters; nothing to analyse")
+    if not trainable:
+        raise InputError(
+            f"model {model_name(model)}: all {len(named)} parameters are frozen (requires_grad=False); "
+            f"nothing to analyse"
+        )
+    if not globs:
+        return dict(trainable), frozen
+    names = [n for n, _ in trainable]
+    some = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
+    for g in globs:
+        if not any(fnmatch.fnmatchcase(n, g) for n in names):
+            hint = " (it matches only frozen parameters)" if any(fnmatch.fnmatchcase(n, g) for n in frozen) else ""
+            raise InputError(f"--params {g!r}: matches no trainable parameter{hint}; names are: {some}")
+    selected = {n: p for n, p in trainable if any(fnmatch.fnmatchcase(n, g) for g in globs)}
+    return selected, frozen
+
+
+def _check_finite(model: nn.Module, source: str) -> None:
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                where = "model" if source == "<python>" else f"checkpoint {source}"
+                raise InputError(f"{where}: {kind} {name} contains {bad}; the weights are diverged or corrupt")
+
+
+def _validate(problem: Problem) -> None:
+    """One forward on the first batch: inputs fit the model, targets fit the loss, finite loss."""
+    model, data, loss = problem.model, problem.data, problem.loss
+    if not data.batches:
+        raise InputError(f"--data {data.source}: no samples on this process")
+    _check_finite(model, problem.checkpoint.source)
+    for what, pos in (("inputs", 0), ("targets", 1)):
+        seen = 0
+        for batch in data.batches:
+            t = batch[pos]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = seen + int(torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).all(dim=1))[0])
+                raise InputError(f"--data {data.source}: {what} contain NaN/Inf (first at sample {bad} of the "
+                                 f"selection); clean the data")
+            seen += len(t)
+    x, y = data.batches[0]
+    name = model_name(model)
+    with torch.no_grad():
+        try:
+            out = model(x)
+        except Exception as e:
+            raise InputError(
+                f"--data {data.source}: inputs of shape {_shape(x)} ({str(x.dtype).removeprefix('torch.')}) do not "
+                f"fit {name}: {one_line(e)[:300]}; check --data and --model"
+            ) from e
+        if not isinstance(out, Tensor):
+            raise InputError(
+                f"model {name} returns a {type(out).__name__}; the loss needs a single output tensor "
+                f"(wrap the model so forward returns the logits/predictions)"
+            )
+        problem_text = None
+        for _, yb in data.batches:
+            problem_text = check_targets(loss, out, yb)
+            if problem_text:
+                break
+        if problem_text:
+            raise InputError(f"--data {data.source} with --loss {loss.name}: {problem_text}; check --data or --loss")
+        try:
+            value = loss.fn(out, y)
+        except Exception as e:
+            raise InputError(
+                f"--loss {loss.name}: targets of shape {_shape(y)} ({data.target_dtype}) do not fit model outputs "
+                f"{_shape(out)}: {one_line(e)[:300]}"
+            ) from e
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise InputError(
+            f"--loss {loss.name}: returned {_shape(value)}; a loss must return the batch-mean scalar"
+        )
+    v = float(value)
+    if not math.isfinite(v):
+        raise InputError(f"--loss {loss.name}: the loss on the first batch is {v}; check the loss, the data and "
+                         f"the checkpoint")
+
+
+def build_problem(
+    loaded: LoadedModel,
+    data: Dataset,
+    loss: LossSpec,
+    settings: Settings,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Problem:
+    """Move the model to ``device``/``dtype`` in eval mode, select parameters, and validate.
+
+    Parameters are selected by ``settings.params`` globs (``fnmatch`` on names; all
+    trainable ones when empty); parameters with ``requires_grad=False`` are excluded and
+    listed in ``Problem.frozen``. Nothing else about the model is changed: ``requires_grad``
+    flags and ``.grad`` stay as they were.
+
+    Args:
+        loaded: the model and its provenance.
+        data: the batches (already on ``device``).
+        loss: the loss spec.
+        settings: uses ``params``.
+        device, dtype: where and in what precision the analysis runs.
+
+    Returns:
+        The validated problem.
+
+    Raises:
+        InputError: no parameter matches, NaN/Inf weights, inputs that do not fit the model,
+            targets that do not fit the loss, or a non-finite loss.
+    """
+    model = loaded.model
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    params, frozen = _select_params(model, tuple(settings.params))
+    problem = Problem(model=model, loss=loss, data=data, params=params, frozen=frozen, device=device,
+                      dtype=dtype, checkpoint=loaded)
+    _validate(problem)
+    return problem
+
+
+def load_problem(checkpoint: str | Path, settings: Settings) -> Problem:
+    """Load everything one analysis needs from the command-line settings.
+
+    Resolves device and dtype, then the loss, the data (sharded when ``torch.distributed``
+    is initialised), the checkpoint, and builds the validated problem.
+
+    Args:
+        checkpoint: the checkpoint file.
+        settings: the resolved settings.
+
+    Returns:
+        The validated problem.
+
+    Raises:
+        InputError: any bad input; the message names it and the fix.
+    """
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype)
+    loss = load_loss(settings.loss)
+    rank, world_size = distributed_context()
+    data = load_data(settings, device=device, dtype=dtype, rank=rank, world_size=world_size)
+    loaded = load_checkpoint(checkpoint, settings)
+    return build_problem(loaded, data, loss, settings, device=device, dtype=dtype)
+
+
+def _model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def problem_from_python(
+    model: nn.Module,
+    loss: str | LossFn,
+    data: Any,
+    settings: Settings | None = None,
+) -> Problem:
+    """Build a problem from Python objects, e.g. inside a training loop.
+
+    Without ``settings`` the model stays where it is (its device and dtype). With
+    ``settings``, ``device="auto"`` still means the model's own device, and ``dtype``,
+    ``params``, ``batch_size``, ``max_samples`` and ``seed`` apply. The model is put in
+    eval mode (its previous mode is kept in ``problem.checkpoint.metadata["was_training"]``);
+    ``requires_grad`` flags and ``.grad`` are left alone.
+
+    Args:
+        model: the network.
+        loss: a loss name (``"cross_entropy"``) or ``fn(outputs, targets) -> batch-mean loss``.
+        data: ``(inputs, targets)`` tensors, a dict with inputs/targets, a torch Dataset,
+            a DataLoader, or a :class:`hesscli.loading.problem.Dataset`.
+        settings: optional settings (defaults otherwise).
+
+    Returns:
+        The validated problem.
+
+    Raises:
+        InputError: invalid loss name, data, or a model that does not fit them.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 2)
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> problem_from_python(net, "cross_entropy", (x, y)).n_params
+        8
+    """
+    own_device, own_dtype = _model_placement(model)
+    if settings is None:
+        settings = Settings()
+        device, dtype = own_device, own_dtype
+    else:
+        device = own_device if settings.device == "auto" else resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype)
+    if isinstance(loss, str):
+        spec = load_loss(loss)
+    elif callable(loss):
+        spec = LossSpec(name=getattr(loss, "__name__", type(loss).__name__), fn=loss, is_classification=False)
+    else:
+        raise InputError(f"loss must be a loss name or a callable (outputs, targets) -> loss, got {type(loss).__name__}")
+    if isinstance(data, Dataset):
+        dataset = Dataset(
+            batches=[(x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype),
+                      y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)) for x, y in data.batches],
+            n_samples=data.n_samples, n_total=data.n_total, source=data.source, input_shape=data.input_shape,
+            target_shape=data.target_shape, target_dtype=data.target_dtype,
+        )
+    elif isinstance(data, (tuple, list, dict, TorchDataset, DataLoader)):
+        rank, world_size = distributed_context()
+        dataset = make_dataset(data, source="<python>", batch_size=settings.batch_size,
+                               max_samples=settings.max_samples, seed=settings.seed, device=device, dtype=dtype,
+                               rank=rank, world_size=world_size)
+    else:
+        raise InputError(
+            f"data is a {type(data).__name__}; pass (inputs, targets), a torch Dataset, a DataLoader or a "
+            f"hesscli Dataset"
+        )
+    loaded = LoadedModel(model=model, source="<python>", format="module", metadata={"was_training": model.training})
+    return build_problem(loaded, dataset, spec, settings, device=device, dtype=dtype)

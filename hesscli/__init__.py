@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from hesscli.api import density, eigs, extremes, trace  # noqa: E402
+from typing import TYPE_CHECKING, Any
+
 from hesscli.errors import (  # noqa: E402
     AnalysisError,
     BackendUnavailable,
@@ -17,15 +18,40 @@ from hesscli.errors import (  # noqa: E402
     InputError,
     UnsupportedAnalysis,
 )
-from hesscli.results.records import (  # noqa: E402
-    DensityResult,
-    EigsResult,
-    ExtremesResult,
-    GroupTrace,
-    Outcome,
-    RunInfo,
-    TraceResult,
-)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hesscli.api import density, eigs, extremes, trace
+    from hesscli.monitor import CurvatureMonitor
+    from hesscli.results.records import (
+        DensityResult,
+        EigsResult,
+        ExtremesResult,
+        GroupTrace,
+        Outcome,
+        RunInfo,
+        TraceResult,
+    )
+
+_LAZY = {
+    "trace": "hesscli.api",
+    "eigs": "hesscli.api",
+    "extremes": "hesscli.api",
+    "density": "hesscli.api",
+    "CurvatureMonitor": "hesscli.monitor",
+    **{name: "hesscli.results.records" for name in ("TraceResult", "GroupTrace", "EigsResult", "ExtremesResult",
+                                                    "DensityResult", "RunInfo", "Outcome")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the engine on first use, so ``hesscli --help`` does not pay for torch."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hesscli' has no attribute {name!r}")
 
 __all__ = [
     "__version__",
@@ -34,6 +60,7 @@ __all__ = [
     "eigs",
     "extremes",
     "density",
+    "CurvatureMonitor",
     # results
     "TraceResult",
     "GroupTrace",

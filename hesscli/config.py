@@ -51,7 +51,8 @@ class Settings:
     # trace
     method: str = "hutch++"  # hutchinson | hutch++ | exact
     probes: int = 100
-    tol: float | None = None  # trace: relative stderr target; eigs: residual tolerance
+    tol: float | None = None  # eigs / extremes: relative residual tolerance (default 1e-6)
+    trace_tol: float | None = None  # trace: stop when stderr/|estimate| reaches this (``trace --tol``)
     # eigs / extremes
     top_k: int = 10
     which: str = "largest"  # largest | smallest | both

@@ -43,7 +43,7 @@ ANALYSES = ("trace", "eigs", "extremes", "density")
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 _OPTION_FIELDS = {
-    "trace": ("method", "probes", "tol"),
+    "trace": ("method", "probes", "trace_tol"),
     "eigs": ("top_k", "which", "tol", "max_iter"),
     "extremes": ("tol", "max_iter"),
     "density": ("iters", "runs", "sigma", "grid"),

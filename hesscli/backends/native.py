@@ -59,7 +59,7 @@ class NativeBackend:
                 )
             return exact_trace(op)
         if settings.method == "hutchinson":
-            return hutchinson(op, n_probes=settings.probes, generator=generator, tol=settings.tol)
+            return hutchinson(op, n_probes=settings.probes, generator=generator, tol=settings.trace_tol)
         if settings.method == "hutch++":
             return hutchpp(op, n_matvecs=settings.probes, generator=generator)
         raise InputError(f"--method {settings.method!r}: expected one of hutchinson, hutch++, exact")

@@ -42,7 +42,9 @@ COMMON: dict[str, Any] = {
 
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="hutchinson | hutch++ (default) | exact.")]
 ProbesOpt = Annotated[Optional[int], typer.Option("--probes", min=1, help="Trace budget: probes (hutchinson) or products (hutch++). Default 100.")]
-TolOpt = Annotated[Optional[float], typer.Option("--tol", min=0.0, help="trace: stop at this relative stderr (hutchinson); eigs/extremes: relative residual tolerance (default 1e-6).")]
+TolOpt = Annotated[Optional[float], typer.Option("--tol", min=0.0, help="eigs/extremes: relative residual tolerance (default 1e-6).")]
+TraceTolOpt = Annotated[Optional[float], typer.Option("--tol", min=0.0, help="Stop when stderr/|trace| reaches this (hutchinson); the --probes budget caps it.")]
+ScanTraceTolOpt = Annotated[Optional[float], typer.Option("--trace-tol", min=0.0, help="trace: stop when stderr/|trace| reaches this (hutchinson).")]
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Number of eigenvalues per end. Default 10.")]
 WhichOpt = Annotated[Optional[str], typer.Option("--which", help="largest (default) | smallest | both.")]
 MaxIterOpt = Annotated[Optional[int], typer.Option("--max-iter", min=1, help="Most Lanczos products. Default max(100, 20k).")]
@@ -128,7 +130,13 @@ def run_single(command: str, checkpoint: Path, common: dict[str, Any], specific:
     from hesscli.results.render import outcome_to_json, render_outcome
     from hesscli.results.tables import save_eigenvectors
 
+    if command == "trace":  # `trace --tol` is the relative-stderr target
+        specific = {**specific, "trace_tol": specific.pop("tol", None)}
     settings = settings_from(command, **common, **specific)
+    if command == "trace" and settings.trace_tol is None and settings.tol is not None:
+        from dataclasses import replace as _replace
+
+        settings = _replace(settings, trace_tol=settings.tol, tol=None)  # `[trace] tol = ...` in hesscli.toml
     ctx = distributed.context(settings.device)
     if ctx.active:
         from dataclasses import replace
@@ -161,7 +169,7 @@ def run_single(command: str, checkpoint: Path, common: dict[str, Any], specific:
 @app.command("trace")
 @with_common_options
 def trace_cmd(checkpoint: CheckpointArg, *, method: MethodOpt = None, probes: ProbesOpt = None,
-              tol: TolOpt = None, hvp: HvpOpt = None, common: dict[str, Any]) -> None:
+              tol: TraceTolOpt = None, hvp: HvpOpt = None, common: dict[str, Any]) -> None:
     """Hessian (or GGN) trace of the mean loss, with standard error and 95% CI, plus per-tensor traces.
 
     Example:
@@ -225,7 +233,8 @@ def scan_cmd(
     target: Annotated[str, typer.Argument(help="Folder of checkpoints, or a glob such as 'runs/exp1/*.pt'.", show_default=False)],
     *,
     analyses: AnalysesOpt = None, glob: GlobOpt = None, resume: ResumeOpt = None, shard: ShardOpt = None,
-    method: MethodOpt = None, probes: ProbesOpt = None, tol: TolOpt = None, top_k: TopKOpt = None,
+    method: MethodOpt = None, probes: ProbesOpt = None, trace_tol: ScanTraceTolOpt = None, tol: TolOpt = None,
+    top_k: TopKOpt = None,
     which: WhichOpt = None, max_iter: MaxIterOpt = None, iters: ItersOpt = None, runs: RunsOpt = None,
     sigma: SigmaOpt = None, grid: GridOpt = None, hvp: HvpOpt = None, common: dict[str, Any],
 ) -> None:
@@ -241,7 +250,7 @@ def scan_cmd(
 
     parsed = tuple(a.strip() for a in analyses.split(",") if a.strip()) if analyses else None
     specific = {"analyses": parsed, "glob": glob, "resume": resume, "shard": shard, "method": method,
-                "probes": probes, "tol": tol, "top_k": top_k, "which": which, "max_iter": max_iter,
+                "probes": probes, "trace_tol": trace_tol, "tol": tol, "top_k": top_k, "which": which, "max_iter": max_iter,
                 "iters": iters, "runs": runs, "sigma": sigma, "grid": grid, "hvp": hvp}
     code = run_scan_command(target, settings_from("scan", **common, **specific))
     if code:

@@ -158,7 +158,9 @@ class BackpackBackend:
             UnsupportedAnalysis: See :meth:`trace`.
         """
         if curvature not in _EXTENSIONS:
-            raise UnsupportedAnalysis(f"--backend backpack cannot use --curvature {curvature}; it supports: hessian, ggn")
+            raise UnsupportedAnalysis(
+                f"--backend backpack cannot use --curvature {curvature}; it supports: hessian, ggn"
+            )
         bp = self._bp
         extensions = importlib.import_module("backpack.extensions")
         ext_name, savefield = _EXTENSIONS[curvature]
@@ -312,7 +314,9 @@ def _check_layers(model: nn.Module, supported: set[type] | None, ggn_supported: 
         if curvature == "hessian" and ggn_supported is not None and cls in ggn_supported:
             hint = "use --curvature ggn (BackPACK's DiagGGNExact supports it) or --backend native"
         where = f" ('{name}')" if name else ""
-        raise UnsupportedAnalysis(f"--backend backpack: {cls.__name__}{where} is not supported by BackPACK {ext_name}; {hint}")
+        raise UnsupportedAnalysis(
+            f"--backend backpack: {cls.__name__}{where} is not supported by BackPACK {ext_name}; {hint}"
+        )
 
 
 def _check_graph(model: nn.Module) -> None:

@@ -138,7 +138,7 @@ class EigenthingsBackend:
             "products are exactly those of the dataset-mean loss",
             "eigenthings Lanczos runs its whole --max-iter budget (no early stop, no restart) with full "
             "reorthogonalisation forced on",
-            "--tol is not a stopping rule for eigenthings' trace (fixed budget); it only sets 'converged'",
+            "trace --tol is not a stopping rule for eigenthings (fixed budget); it only sets 'converged'",
         ),
     )
 
@@ -245,9 +245,9 @@ class EigenthingsBackend:
         """Hutchinson or Hutch++ via eigenthings' ``trace(method=..., num_matvecs=--probes)``.
 
         The library's estimate and standard error are kept; the 95% interval is Student-t
-        on its per-sample values (for Hutch++ the residual-phase samples). ``--tol`` does
-        not stop the fixed budget: it only sets ``converged`` (relative standard error
-        within ``tol``).
+        on its per-sample values (for Hutch++ the residual-phase samples). ``trace --tol``
+        (``settings.trace_tol``) does not stop the fixed budget: it only sets ``converged``
+        (relative standard error within it).
 
         Returns:
             :class:`TraceResult` (``n_probes`` = vectors multiplied, as ``n_hvp``).
@@ -265,13 +265,14 @@ class EigenthingsBackend:
         shift = r.estimate - float(samples.mean())  # Hutch++: the exact low-rank part
         stderr = r.stderr if math.isfinite(r.stderr) else math.inf
         converged = True
-        if settings.tol is not None:
-            converged = stderr <= settings.tol * abs(r.estimate)
+        target = settings.trace_tol
+        if target is not None:
+            converged = stderr <= target * abs(r.estimate)
             if not converged:
                 warnings.warn(
                     f"eigenthings {settings.method} trace: relative standard error "
                     f"{stderr / abs(r.estimate) if r.estimate else math.inf:.3g} after {counter.n} products is "
-                    f"above tol={settings.tol}; raise --probes",
+                    f"above tol={target}; raise --probes",
                     ConvergenceWarning,
                     stacklevel=2,
                 )

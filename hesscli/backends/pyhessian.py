@@ -162,7 +162,9 @@ def _seeded(generator: torch.Generator, device: torch.device) -> Iterator[None]:
     user's random streams are untouched.
     """
     seed = int(torch.randint(0, _SEED_BOUND, (1,), generator=generator))
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
@@ -297,7 +299,7 @@ class PyHessianBackend:
             "PyHessian eigenvalues are the largest in magnitude (power iteration with deflation); "
             "a dominant negative eigenvalue is returned among the 'largest'",
             "PyHessian stops trace and power iteration on the relative change of a running value "
-            "(--tol, default 1e-3), not on an error target; residuals are measured afterwards",
+            "(trace --tol / eigs --tol, default 1e-3), not on an error target; residuals are measured afterwards",
             "PyHessian 0.1 needs two fixes, applied by hesscli: the trace stopping test (abs) and "
             "torch.eig for density",
         ),
@@ -349,7 +351,6 @@ class PyHessianBackend:
             else:
                 engine = cls(model, criterion, dataloader=batches, cuda=cuda)
             engine.n_hvp = 0
-            engine.names = names
             try:
                 with _counting_products(self._module, engine), _exact_normalization(self._module):
                     yield engine
@@ -364,8 +365,9 @@ class PyHessianBackend:
     def trace(self, problem: Problem, settings: Settings, generator: torch.Generator) -> TraceResult:
         """Hutchinson trace with PyHessian's running-mean stop (fixed for negative traces).
 
-        ``settings.probes`` is PyHessian's ``maxIter`` and ``settings.tol`` (default 1e-3)
-        its tolerance on the relative change of the running mean between probes. The
+        ``settings.probes`` is PyHessian's ``maxIter`` and ``settings.trace_tol`` (``trace
+        --tol``, default 1e-3) its tolerance on the relative change of the running mean
+        between probes (PyHessian's rule, not hesscli's relative-stderr target). The
         per-probe samples become an estimate, a standard error and a Student-t 95%
         interval; per-parameter traces come from the same probes.
 
@@ -377,8 +379,10 @@ class PyHessianBackend:
         from hesscli.algorithms.hutchinson import summarise
 
         if settings.method != "hutchinson":
-            raise UnsupportedAnalysis(f"--backend pyhessian has no trace --method {settings.method}; it supports: hutchinson")
-        tol = settings.tol if settings.tol is not None else DEFAULT_TOL
+            raise UnsupportedAnalysis(
+                f"--backend pyhessian has no trace --method {settings.method}; it supports: hutchinson"
+            )
+        tol = settings.trace_tol if settings.trace_tol is not None else DEFAULT_TOL
         with self._engine(problem, generator) as engine:
             samples = engine.trace(maxIter=settings.probes, tol=tol, generator=generator)
             n_hvp = engine.n_hvp

@@ -49,7 +49,7 @@ class Settings:
     quiet: bool = False
     debug: bool = False
     # trace
-    method: str = "hutch++"  # hutchinson | hutch++ | exact
+    method: str | None = None  # hutchinson | hutch++ | exact; None: the backend's default (native: hutch++)
     probes: int = 100
     tol: float | None = None  # eigs / extremes: relative residual tolerance (default 1e-6)
     trace_tol: float | None = None  # trace: stop when stderr/|estimate| reaches this (``trace --tol``)

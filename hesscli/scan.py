@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from hesscli.api import analyse, check_supported, failed_outcome, options_key
+from hesscli.api import analyse, check_supported, failed_outcome, options_key, with_backend_defaults
 from hesscli.config import Settings
 from hesscli.errors import HesscliError, InputError
 from hesscli.results.records import Outcome
@@ -196,7 +196,7 @@ def run_scan(
         kwargs["reduce"] = reduce
     backend = get_backend(settings.backend, **kwargs)
     for a in analyses:  # refuse what the backend cannot do before touching any checkpoint
-        check_supported(backend, a, settings)
+        check_supported(backend, a, with_backend_defaults(backend, a, settings))
     done = completed_runs(settings.out) if settings.resume else set()
 
     for index, entry in enumerate(entries):
@@ -212,7 +212,7 @@ def run_scan(
             if write is not None:
                 write(outcomes)
             continue
-        todo = [a for a in analyses if (sha, a, options_key(a, settings)) not in done]
+        todo = [a for a in analyses if (sha, a, options_key(a, with_backend_defaults(backend, a, settings))) not in done]
         report.skipped.extend((name, a) for a in analyses if a not in todo)
         if not todo:
             continue

@@ -121,3 +121,17 @@ def test_reduce_hook_is_applied():
     op = HessianOperator(problem, reduce=lambda t: 2 * t)
     V = _block(op.size, 2)
     assert torch.allclose(op @ V, 2 * (exact_hessian(problem) @ V), atol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_auto_path_measures_both_and_stays_exact(curvature):
+    problem = mlp_ce()
+    op = make_operator(problem, curvature, hvp="auto")
+    dense = (exact_hessian if curvature == "hessian" else exact_ggn)(problem)
+    V = _block(op.size, 6)
+    assert op.path_for(1) == "autograd" and op.path_for(6) == "tune"
+    assert torch.allclose(op @ V, dense @ V, rtol=1e-10, atol=1e-12)
+    assert set(op.tuning) == {"autograd", "func"} and op.block_path in ("autograd", "func")
+    assert op.path_for(6) == op.block_path
+    assert torch.allclose(op @ V, dense @ V, rtol=1e-10, atol=1e-12)
+    assert op.n_matvecs == 12

@@ -60,8 +60,23 @@ def options_key(analysis: str, settings: Settings) -> str:
     return json.dumps(values, sort_keys=True, default=str)
 
 
-def method_of(analysis: str, settings: Settings) -> str:
-    return {"trace": settings.method, "eigs": "lanczos", "extremes": "lanczos", "density": "slq"}[analysis]
+def method_of(analysis: str, settings: Settings, backend: Any | None = None) -> str:
+    """The method an analysis really uses: the trace method, else the backend's own algorithm
+    (its ``capabilities.analyses[analysis][0]``, e.g. PyHessian's power iteration)."""
+    if analysis == "trace":
+        return settings.method or "default"
+    if backend is not None and analysis in backend.capabilities.analyses:
+        return backend.capabilities.analyses[analysis][0]
+    return {"eigs": "lanczos", "extremes": "lanczos", "density": "slq"}[analysis]
+
+
+def with_backend_defaults(backend: Any, analysis: str, settings: Settings) -> Settings:
+    """``--method`` left unset means the backend's own default trace method: the first it lists
+    (native and eigenthings: ``hutch++``; PyHessian: ``hutchinson``; BackPACK: ``exact``)."""
+    methods = backend.capabilities.analyses.get("trace", ())
+    if analysis == "trace" and methods and settings.method is None:
+        return dataclasses.replace(settings, method=methods[0])
+    return settings
 
 
 def expected_products(analysis: str, settings: Settings, n_params: int) -> int:
@@ -115,7 +130,7 @@ def loss_value(problem: Problem, reduce: Reduce | None = None) -> float:
 
 def _run_info(problem: Problem | None, analysis: str, settings: Settings, *, checkpoint: str, sha256: str,
               step: int | None, started: datetime, seconds: float, n_hvp: int, loss: float | None,
-              status: str = "ok", error: str | None = None) -> RunInfo:
+              status: str = "ok", error: str | None = None, backend: Any | None = None) -> RunInfo:
     return RunInfo(
         run_id=uuid.uuid4().hex,
         checkpoint=checkpoint,
@@ -123,7 +138,7 @@ def _run_info(problem: Problem | None, analysis: str, settings: Settings, *, che
         step=step,
         analysis=analysis,
         backend=settings.backend,
-        method=method_of(analysis, settings),
+        method=method_of(analysis, settings, backend),
         curvature=settings.curvature,
         device=str(problem.device) if problem is not None else settings.device,
         dtype=str(problem.dtype).replace("torch.", "") if problem is not None else settings.dtype,
@@ -168,6 +183,7 @@ def analyse(problem: Problem, analysis: str, settings: Settings, *, reduce: Redu
         if reduce is not None:
             kwargs["reduce"] = reduce
         backend = get_backend(settings.backend, **kwargs)
+    settings = with_backend_defaults(backend, analysis, settings)
     check_supported(backend, analysis, settings)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -176,7 +192,8 @@ def analyse(problem: Problem, analysis: str, settings: Settings, *, reduce: Redu
     seconds = time.perf_counter() - t0
     ck = problem.checkpoint
     run = _run_info(problem, analysis, settings, checkpoint=ck.source, sha256=ck.sha256, step=ck.step,
-                    started=started, seconds=seconds, n_hvp=result.n_hvp, loss=loss_value(problem, reduce))
+                    started=started, seconds=seconds, n_hvp=result.n_hvp, loss=loss_value(problem, reduce),
+                    backend=backend)
     return Outcome(run=run, result=result)
 
 

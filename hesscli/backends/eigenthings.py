@@ -126,7 +126,7 @@ class EigenthingsBackend:
     name = "eigenthings"
     capabilities = Capabilities(
         analyses={
-            "trace": ("hutchinson", "hutch++"),
+            "trace": ("hutch++", "hutchinson"),  # first = default
             "eigs": ("lanczos",),
             "extremes": ("lanczos",),
             "density": ("slq",),

@@ -28,7 +28,7 @@ class NativeBackend:
     name = "native"
     capabilities = Capabilities(
         analyses={
-            "trace": ("hutchinson", "hutch++", "exact"),
+            "trace": ("hutch++", "hutchinson", "exact"),  # first = default
             "eigs": ("lanczos",),
             "extremes": ("lanczos",),
             "density": ("slq",),

@@ -40,7 +40,7 @@ COMMON: dict[str, Any] = {
     "debug": o.DebugOpt,
 }
 
-MethodOpt = Annotated[Optional[str], typer.Option("--method", help="hutchinson | hutch++ (default) | exact.")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", help="hutch++ | hutchinson | exact (default: the backend's own; native: hutch++).")]
 ProbesOpt = Annotated[Optional[int], typer.Option("--probes", min=1, help="Trace budget: probes (hutchinson) or products (hutch++). Default 100.")]
 TolOpt = Annotated[Optional[float], typer.Option("--tol", min=0.0, help="eigs/extremes: relative residual tolerance (default 1e-6).")]
 TraceTolOpt = Annotated[Optional[float], typer.Option("--tol", min=0.0, help="Stop when stderr/|trace| reaches this (hutchinson); the --probes budget caps it.")]

@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	cd sample_checkpoints && ../$(VENV)/bin/hesscli info ckpt_step000000.pt
-	cd sample_checkpoints && ../$(VENV)/bin/hesscli scan . --analyses trace,eigs,extremes,density --out ../hesscli-results
+	cd sample_checkpoints && ../$(VENV)/bin/hesscli info ckpt_step000400.pt
+	cd sample_checkpoints && ../$(VENV)/bin/hesscli scan . --analyses trace,eigs,extremes,density \
+		--probes 60 --top-k 5 --iters 40 --runs 4 --out ../hesscli-results
 	$(VENV)/bin/hesscli plot hesscli-results
 
 test: $(STAMP)

@@ -176,7 +176,7 @@ class EmpiricalRiskOperator(CurvatureOperator):
             return torch.cat([out_a, self._matmat_autograd(V[:, half:])], dim=1)
         self.tuning = {"autograd": t_a, "func": t_f}
         self.block_path = "func" if t_f < t_a else "autograd"
-        logger.info("product path for blocks: %s (%.3g s/vector autograd, %.3g s/vector func)",
+        logger.debug("product path for blocks: %s (%.3g s/vector autograd, %.3g s/vector func)",
                     self.block_path, t_a, t_f)
         return torch.cat([out_a, out_f], dim=1)
 

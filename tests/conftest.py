@@ -133,6 +133,15 @@ def samples_dir() -> Path:
     return SAMPLES
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The tests use tiny tensors: one intra-op thread avoids OpenMP overhead and oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _stable_rich(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wide, colourless Rich output so CLI assertions do not depend on the terminal."""

@@ -11,27 +11,7 @@ from hesscli.algorithms import extremes, lanczos_eigs
 from hesscli.errors import ConvergenceWarning, InputError
 from hesscli.operators.base import DenseOperator
 
-F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP overhead on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def symmetric(eigs, seed: int = 0) -> torch.Tensor:
-    """``Q diag(eigs) Qᵀ`` with a random orthogonal ``Q``."""
-    eigs = torch.as_tensor(eigs, dtype=F64)
-    Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=gen(1000 + seed), dtype=F64))
-    return (Q * eigs) @ Q.T
+from tests.dense import F64, gen, symmetric
 
 
 # An indefinite spectrum: a bulk in [-3, 5] and separated outliers at both ends.

@@ -116,3 +116,22 @@ def test_torchrun_cli_matches_single_process_and_writes_once(tmp_path):
     runs = pd.read_parquet(tmp_path / "two" / "runs")
     assert len(runs) == 1 and runs["n_samples"].iloc[0] == 300
     assert len(pd.read_parquet(tmp_path / "two" / "eigs")) == 3
+
+
+def test_error_on_one_rank_ends_the_job_with_its_message(tmp_path):
+    """Rank 1 fails while loading; torchrun stops rank 0 (which would wait in a collective)."""
+    (tmp_path / "data.py").write_text(
+        "import os, torch\n"
+        "def make():\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        raise ValueError('shard on rank 1 is unreadable')\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return torch.randn(300, 1, 8, 8, generator=g), torch.randint(0, 10, (300,), generator=g)\n"
+    )
+    args = ["trace", "ckpt_step000400.pt", "--data", f"{tmp_path / 'data.py'}:make", "--out", str(tmp_path / "o")]
+    result = _cli(args, SAMPLES, 2)
+    assert result.returncode != 0
+    assert "shard on rank 1 is unreadable" in result.stderr
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "shard on rank 1 is unreadable" in ours[0]  # one line from the failing rank
+    assert not (tmp_path / "o" / "runs").exists()

@@ -8,6 +8,7 @@ algorithms' state stays identical across ranks. Only rank 0 writes tables and pr
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ def context(device: str = "auto") -> DistContext:
     if use_cuda:
         torch.cuda.set_device(local)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    atexit.register(_shutdown)
     return DistContext(dist.get_rank(), dist.get_world_size(), local)
 
 
@@ -66,3 +68,12 @@ def device_for(ctx: DistContext, spec: str) -> str:
     if ctx.active and torch.cuda.is_available() and spec in ("auto", "cuda"):
         return f"cuda:{ctx.local_rank}"
     return spec
+
+
+def _shutdown() -> None:
+    """Leave the process group cleanly at exit (an abandoned gloo/NCCL group can abort the process)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass

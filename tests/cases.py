@@ -137,3 +137,26 @@ CASES: dict[str, Callable[..., Problem]] = {
     "frozen-mlp": frozen_mlp,
     "tied-ae": tied_ae,
 }
+
+
+class TinyTransformer(nn.Module):
+    """Embedding + one self-attention encoder layer (LayerNorm, MLP) + mean-pooled linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(self.emb(x)).mean(1))
+
+
+def attention_ce(batch_size: int = 4, params: tuple[str, ...] = ()) -> Problem:
+    """Double backward / forward-over-reverse through scaled-dot-product attention."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 5, (11, 4), generator=_gen(12))
+    y = torch.randint(0, 3, (11,), generator=_gen(13))
+    problem = make_problem(TinyTransformer(), CE, x.double(), y, batch_size=batch_size, params=params)
+    problem.data.batches = [(b[0].long(), b[1]) for b in problem.data.batches]
+    return problem

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, hessian
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hesscli.loading.problem import Problem
 
@@ -35,7 +36,10 @@ def exact_hessian(problem: Problem) -> Tensor:
     def total(theta: Tensor) -> Tensor:
         return sum(y.shape[0] / n * problem.loss.fn(outputs(theta, x), y) for x, y in problem.data.batches)
 
-    H = hessian(total)(theta0)
+    # Double backward (torch.autograd.functional), not torch.func: under functorch transforms
+    # nn.MultiheadAttention in eval mode takes its inference fast path, whose derivatives are wrong.
+    with sdpa_kernel([SDPBackend.MATH]):
+        H = torch.autograd.functional.hessian(total, theta0)
     return (H + H.T) / 2
 
 
@@ -44,11 +48,12 @@ def exact_ggn(problem: Problem) -> Tensor:
     theta0, outputs = _flat_fns(problem)
     n = problem.data.n_total
     G = torch.zeros(theta0.numel(), theta0.numel(), dtype=theta0.dtype)
-    for x, y in problem.data.batches:
-        out = outputs(theta0, x).detach()
-        J = jacrev(lambda t: outputs(t, x))(theta0).reshape(out.numel(), -1)
-        Hout = hessian(lambda o: problem.loss.fn(o.reshape(out.shape), y))(out.reshape(-1))
-        G += y.shape[0] / n * J.T @ Hout @ J
+    with sdpa_kernel([SDPBackend.MATH]):
+        for x, y in problem.data.batches:
+            out = outputs(theta0, x).detach()
+            J = torch.autograd.functional.jacobian(lambda t: outputs(t, x), theta0).reshape(out.numel(), -1)
+            Hout = hessian(lambda o: problem.loss.fn(o.reshape(out.shape), y))(out.reshape(-1))
+            G += y.shape[0] / n * J.T @ Hout @ J
     return (G + G.T) / 2
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hesscli.operators.empirical import GGNOperator, HessianOperator, make_operator
-from tests.cases import CASES, linreg, mlp_ce
+from tests.cases import CASES, attention_ce, linreg, mlp_ce
 from tests.reference import exact_ggn, exact_hessian, exact_loss
 
 PATHS = ["func", "autograd"]
@@ -135,3 +135,14 @@ def test_auto_path_measures_both_and_stays_exact(curvature):
     assert op.path_for(6) == op.block_path
     assert torch.allclose(op @ V, dense @ V, rtol=1e-10, atol=1e-12)
     assert op.n_matvecs == 12
+
+
+@pytest.mark.parametrize("path", ["func", "autograd", "auto"])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_attention_model_products_are_exact(path, curvature):
+    """Fused attention kernels lack forward AD and double backward; the operator uses the math kernel."""
+    problem = attention_ce()
+    op = make_operator(problem, curvature, hvp=path)
+    dense = (exact_hessian if curvature == "hessian" else exact_ggn)(problem)
+    V = _block(op.size, 6)
+    assert torch.allclose(op @ V, dense @ V, rtol=1e-9, atol=1e-11)

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hesscli.loading.problem import Problem
 from hesscli.operators.base import CurvatureOperator
@@ -44,6 +46,24 @@ Reduce = Callable[[Tensor], Tensor]
 
 def _is_scripted(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.jit.ScriptModule)
+
+
+@contextmanager
+def differentiable_kernels() -> Iterator[None]:
+    """Kernels that support forward-mode AD and double backward, for the duration of a product.
+
+    Fused attention kernels (flash / memory-efficient SDPA) and the ``nn.MultiheadAttention`` /
+    ``nn.TransformerEncoderLayer`` inference fast path have neither forward-mode AD nor double
+    backward (the fast path even returns wrong derivatives under ``torch.func``); the math
+    kernel is plain matmul + softmax and has both.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 MIN_TUNE_BLOCK = 4
@@ -141,6 +161,10 @@ class EmpiricalRiskOperator(CurvatureOperator):
         return self.block_path or "tune"
 
     def _matmat(self, V: Tensor) -> Tensor:
+        with differentiable_kernels():
+            return self._matmat_any(V)
+
+    def _matmat_any(self, V: Tensor) -> Tensor:
         path = self.path_for(V.shape[1])
         if path == "tune":
             return self._finish(self._matmat_tuning(V))
@@ -222,7 +246,7 @@ class EmpiricalRiskOperator(CurvatureOperator):
         """Mean loss over the dataset and its flat gradient ``[P]`` (after ``reduce``)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         g = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        with torch.enable_grad():
+        with torch.enable_grad(), differentiable_kernels():
             for x, y in self.problem.data.batches:
                 loss = self._weight(y) * self.problem.loss.fn(self.model(x), y)
                 gs = self._grad_of(loss, self.params, None, retain_graph=False)

@@ -97,7 +97,8 @@ def _params(model: nn.Module) -> list[nn.Parameter]:
 
 # ----------------------------------------------------------------------------- native
 def native(problem: Problem, analysis: str, context: Context = contextlib.nullcontext, **options: Any) -> Call:
-    """hesscli's native backend, as ``hesscli <analysis>`` runs it (``Settings`` defaults + ``options``).
+    """hesscli's native backend end to end, as ``hesscli <analysis>`` runs it: ``hesscli.api.analyse``
+    with ``Settings`` defaults plus ``options`` (this includes the loss value it records).
 
     Args:
         problem: the workload's problem (float32, whole dataset as one batch).
@@ -105,6 +106,7 @@ def native(problem: Problem, analysis: str, context: Context = contextlib.nullco
         context: context every call runs under.
         **options: :class:`hesscli.config.Settings` fields (``top_k``, ``which``, ``tol``, ``probes``...).
     """
+    from hesscli.api import analyse
     from hesscli.backends.native import NativeBackend
     from hesscli.config import Settings
 
@@ -112,11 +114,10 @@ def native(problem: Problem, analysis: str, context: Context = contextlib.nullco
 
     def call(seed: int) -> dict[str, Any]:
         settings = Settings(seed=seed, **options)
-        generator = torch.Generator().manual_seed(seed)
         with context(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = getattr(backend, analysis)(problem, settings, generator)
-        return native_result(result)
+            outcome = analyse(problem, analysis, settings, backend=backend)
+        return native_result(outcome.result)
 
     return call
 

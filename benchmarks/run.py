@@ -89,7 +89,7 @@ def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, ou
         "command": command or "python -m benchmarks.run " + " ".join(sys.argv[1:]),
         "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
         "versions": versions(),
-        "settings": {"repeats": repeats, "quick": quick, "smoke": smoke, "dtype": "float32", "slow_s": 6.0,
+        "settings": {"repeats": repeats, "quick": quick, "smoke": smoke, "dtype": "float32", "slow_s": 4.0,
                      "foreign_load_limit": 0.10},
         "workloads": {},
     }

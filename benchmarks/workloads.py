@@ -252,7 +252,7 @@ SPECS: dict[str, WorkloadSpec] = {
     "W2": WorkloadSpec("W2", "CNN conv8-pool-conv16-BN(eval)-fc384, CE, digits 1x8x8 (1,797)", digits_cnn,
                        _cnn_data, steps=60, lr=3e-3, config={"c1": 8, "c2": 16, "hidden": 384, "pool": True}),
     "W3": WorkloadSpec("W3", "Transformer 2x(LN+SDPA attention+MLP), CE, majority of 8 tokens (256)",
-                       TinyTransformer, lambda: majority_tokens(256), steps=150, lr=3e-3,
+                       TinyTransformer, lambda: majority_tokens(256), steps=60, lr=3e-3,
                        config={"vocab": 8, "seq": 8, "dim": 64, "heads": 4, "mlp": 128, "depth": 2, "n": 256}),
     "W4": WorkloadSpec("W4", "Wide CNN conv16-pool-conv32-BN(eval)-fc384, CE, augmented digits (19,767)",
                        lambda: digits_cnn(16, 32, 384), lambda: augmented_digits(11), steps=40, lr=3e-3,

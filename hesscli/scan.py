@@ -227,6 +227,8 @@ def run_scan(
             msg = str(e) if isinstance(e, HesscliError) else f"{type(e).__name__}: {e}"
             outcomes = [failed_outcome(name, a, settings, msg, sha256=sha, step=entry.step) for a in todo]
         else:
+            if hasattr(backend, "plan"):  # lets one Lanczos run serve several analyses
+                backend.plan(problem, todo, settings)
             for a in todo:
                 try:
                     outcomes.append(analyse(problem, a, settings, reduce=reduce, backend=backend))

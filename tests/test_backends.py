@@ -259,9 +259,10 @@ def _check_extremes(backend: str, r: Any, H: torch.Tensor) -> None:
     tol = TOLERANCE[(backend, "extremes")]
     assert abs(r.lambda_max - float(true[-1])) <= tol * scale
     assert abs(r.lambda_min - float(true[0])) <= tol * scale
-    assert r.residual_max <= 1e-6 * scale and r.residual_min <= 1e-6 * scale
-    if r.converged:  # the flag follows the relative rule of the native engine (tol 1e-6)
-        assert r.residual_max <= 1e-6 * abs(r.lambda_max) + 1e-8 * scale
+    # the reported residuals bound the errors (Krylov–Bogoliubov) and are small
+    assert abs(r.lambda_max - float(true[-1])) <= r.residual_max + 1e-10 * scale
+    assert abs(r.lambda_min - float(true[0])) <= r.residual_min + 1e-10 * scale
+    assert r.residual_max <= 1e-4 * scale and r.residual_min <= 1e-4 * scale
     assert math.isclose(r.condition_number, abs(r.lambda_max) / abs(r.lambda_min), rel_tol=1e-12)
     expected_ratio = abs(r.lambda_min) / r.lambda_max if r.lambda_min < 0 else 0.0
     assert math.isclose(r.negative_ratio, expected_ratio, rel_tol=1e-12)

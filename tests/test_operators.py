@@ -123,10 +123,20 @@ def test_reduce_hook_is_applied():
     assert torch.allclose(op @ V, 2 * (exact_hessian(problem) @ V), atol=1e-12)
 
 
+def test_auto_path_on_cpu_with_a_cached_graph_is_double_backward():
+    problem = mlp_ce()
+    op = make_operator(problem, "hessian", hvp="auto")
+    assert op.cache_graph and op.path_for(1) == "autograd" and op.path_for(16) == "autograd"
+    V = _block(op.size, 6)
+    assert torch.allclose(op @ V, exact_hessian(problem) @ V, rtol=1e-10, atol=1e-12)
+    assert op.tuning == {} and op.block_path is None  # nothing was measured
+
+
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_auto_path_measures_both_and_stays_exact(curvature):
     problem = mlp_ce()
-    op = make_operator(problem, curvature, hvp="auto")
+    # without a cached graph (many batches) the Hessian path is measured, as GGN always is
+    op = make_operator(problem, curvature, hvp="auto", cache_graph=False)
     dense = (exact_hessian if curvature == "hessian" else exact_ggn)(problem)
     V = _block(op.size, 6)
     assert op.path_for(1) == "autograd" and op.path_for(6) == "tune"

@@ -199,3 +199,18 @@ def test_monitor_writes_the_same_rows_as_a_scan(tmp_path):
         assert list(live.columns) == list(scan.columns)
         assert list(live.step) == list(scan.step) and sorted(set(live.step)) == [0, 3, 6]
         pd.testing.assert_frame_equal(live[cols], scan[cols], rtol=1e-9)
+
+
+def test_scan_serves_extremes_and_a_density_run_from_the_eigs_run(run_dir, tmp_path):
+    settings = _settings(run_dir, tmp_path / "o", analyses=("eigs", "extremes", "density"), iters=6, runs=2,
+                         max_iter=40)
+    report = run_scan(run_dir, settings)
+    by = {}
+    for o in report.outcomes:
+        assert o.run.status == "ok", o.run.error
+        by.setdefault(o.run.checkpoint, {})[o.run.analysis] = o
+    assert len(by) == 5
+    for outs in by.values():
+        assert outs["extremes"].run.n_hvp == 0  # from the eigs run
+        assert outs["eigs"].result.n_iter >= 6
+        assert outs["density"].run.n_hvp == 6  # one fresh SLQ run; the other came from the eigs run

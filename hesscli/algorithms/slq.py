@@ -48,6 +48,7 @@ def slq(
     sigma: float | None = None,
     grid: int = 1000,
     block_size: int | None = None,
+    first_run: tuple[Tensor, Tensor] | None = None,
 ) -> DensityResult:
     """Estimate the eigenvalue density of ``A`` by stochastic Lanczos quadrature.
 
@@ -64,6 +65,11 @@ def slq(
         grid: Number of grid points. Default 1000 (curvlinops uses 1024): the default ``σ``
             is about ``range / 210`` for 80 steps, so the grid puts about 4 points per ``σ``.
         block_size: Most runs per ``matmat`` call; default all runs at once.
+        first_run: ``(alphas [iters], betas [iters - 1])`` of a Lanczos run already done from a
+            random unit start vector (e.g. the first ``iters`` steps of an eigensolver run,
+            :func:`hesscli.algorithms.lanczos.lanczos_run`); it is used as run 1 and only
+            ``runs - 1`` runs cost products. A normalised Gaussian start vector is uniform on
+            the sphere, so its quadrature is as unbiased for the density as a Rademacher one.
 
     Returns:
         :class:`DensityResult` with float64 CPU tensors: ``grid``/``density`` (integrating to 1
@@ -94,10 +100,43 @@ def slq(
         raise InputError(f"block_size={block_size!r}: expected a positive integer or None")
     _check_broadening(sigma, grid)
     check_generator(generator)
+    if first_run is not None and (tuple(first_run[0].shape) != (iters,) or tuple(first_run[1].shape) != (iters - 1,)):
+        raise InputError(f"first_run: expected alphas [{iters}] and betas [{iters - 1}], got "
+                         f"{tuple(first_run[0].shape)} and {tuple(first_run[1].shape)}")
+    before = A.n_matvecs
+    total = runs
+    runs = runs - (first_run is not None)  # the runs that cost products
+    alphas, betas, length = _lanczos_runs(A, iters, runs, generator, block_size)
+    if first_run is not None:
+        alphas = torch.cat([first_run[0].to(torch.float64).cpu().unsqueeze(0), alphas])
+        betas = torch.cat([first_run[1].to(torch.float64).cpu().unsqueeze(0), betas])
+        length = [iters] + length
+
+    nodes = torch.empty(total, iters, dtype=torch.float64)
+    weights = torch.zeros(total, iters, dtype=torch.float64)
+    for r in range(total):
+        L = length[r]
+        T = torch.diag(alphas[r, :L]) + torch.diag(betas[r, : L - 1], 1) + torch.diag(betas[r, : L - 1], -1)
+        theta, S = torch.linalg.eigh(T)
+        nodes[r, :L], nodes[r, L:] = theta, theta[-1]
+        weights[r, :L] = S[0] ** 2
+        alphas[r, L:] = theta[-1]
+    x, density, sigma = broaden(nodes, weights, sigma=sigma, grid=grid)
+    return DensityResult(
+        grid=x, density=density, nodes=nodes, weights=weights, alphas=alphas, betas=betas,
+        sigma=sigma, n_hvp=A.n_matvecs - before,
+    )
+
+
+def _lanczos_runs(A: CurvatureOperator, iters: int, runs: int, generator: torch.Generator,
+                  block_size: int | None) -> tuple[Tensor, Tensor, list[int]]:
+    """``runs`` fully reorthogonalised Lanczos runs from Rademacher vectors, advanced together:
+    ``alphas [runs, iters]``, ``betas [runs, iters - 1]`` and the steps each run completed."""
     n, dtype, device = A.size, A.dtype, A.device
+    if runs == 0:
+        return (torch.zeros(0, iters, dtype=torch.float64), torch.zeros(0, max(iters - 1, 0), dtype=torch.float64), [])
     block = runs if block_size is None else block_size
     tiny = breakdown_tol(dtype)
-    before = A.n_matvecs
 
     basis = torch.empty(runs, iters, n, dtype=dtype, device=device)
     z = probes(n, runs, generator=generator, dtype=dtype, device=device)
@@ -140,22 +179,7 @@ def slq(
             break
         betas[active, j] = host[1, active]
         basis[active, j + 1] = w[active] / beta[active].unsqueeze(1)
-    del basis
-
-    nodes = torch.empty(runs, iters, dtype=torch.float64)
-    weights = torch.zeros(runs, iters, dtype=torch.float64)
-    for r in range(runs):
-        L = length[r]
-        T = torch.diag(alphas[r, :L]) + torch.diag(betas[r, : L - 1], 1) + torch.diag(betas[r, : L - 1], -1)
-        theta, S = torch.linalg.eigh(T)
-        nodes[r, :L], nodes[r, L:] = theta, theta[-1]
-        weights[r, :L] = S[0] ** 2
-        alphas[r, L:] = theta[-1]
-    x, density, sigma = broaden(nodes, weights, sigma=sigma, grid=grid)
-    return DensityResult(
-        grid=x, density=density, nodes=nodes, weights=weights, alphas=alphas, betas=betas,
-        sigma=sigma, n_hvp=A.n_matvecs - before,
-    )
+    return alphas, betas, length
 
 
 def default_sigma(lo: float, hi: float, n_nodes: int) -> float:
@@ -236,10 +260,11 @@ def broaden(
     if sigma is None:
         sigma = default_sigma(lo, hi, nodes.shape[1])
     x = torch.linspace(lo, hi, grid, dtype=torch.float64)
-    z = (x.view(1, 1, -1) - nodes.unsqueeze(2)) / sigma
-    density = (weights.unsqueeze(2) * torch.exp(-0.5 * z * z)).sum((0, 1)) / (
-        nodes.shape[0] * sigma * math.sqrt(2 * math.pi)
-    )
+    density = torch.zeros(grid, dtype=torch.float64)
+    for run_nodes, run_weights in zip(nodes, weights):  # one run at a time: [M, grid] scratch, not [runs, M, grid]
+        z = (x.unsqueeze(0) - run_nodes.unsqueeze(1)) / sigma
+        density += run_weights @ torch.exp(-0.5 * z * z)
+    density /= nodes.shape[0] * sigma * math.sqrt(2 * math.pi)
     total = float(torch.trapezoid(density, x))
     if total > 0:
         density = density / total

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import hesscli
+from hesscli.algorithms.lanczos import DEFAULT_MAX_ITER
 from hesscli.backends import get_backend
 from hesscli.config import Settings
 from hesscli.errors import InputError, UnsupportedAnalysis
@@ -86,7 +87,7 @@ def expected_products(analysis: str, settings: Settings, n_params: int) -> int:
     if analysis == "density":
         return settings.iters * settings.runs
     k = settings.top_k * (2 if settings.which == "both" else 1) if analysis == "eigs" else 2
-    return min(n_params, settings.max_iter or max(100, 20 * k))
+    return min(n_params, settings.max_iter or max(DEFAULT_MAX_ITER, 20 * k))
 
 
 def check_supported(backend: Any, analysis: str, settings: Settings) -> None:

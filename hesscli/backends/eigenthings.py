@@ -12,7 +12,7 @@ it. Three behaviours of the 1.0.0a5 release are corrected for:
   ``sum_b (n_b / N) H_b``, the curvature of the dataset-mean loss.
 * **Under-budgeted Lanczos.** ``lanczos`` defaults to ``min(2k, n - 1)`` steps and turns
   reorthogonalisation off above 50 steps. The adapter passes the native engine's budget
-  (``--max-iter``, default ``max(100, 20k)``, capped at the number of parameters) and
+  (``--max-iter``, default ``max(200, 20k)``, capped at the number of parameters) and
   forces ``reorthogonalize=True``.
 * **Residuals.** The library's residuals are the Ritz estimates ``|β s_m|``; the adapter
   measures ``||Hv - λv||`` for every returned vector with one extra product each and sets
@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from hesscli.algorithms.lanczos import DEFAULT_MAX_ITER
 from hesscli.backends.base import Capabilities
 from hesscli.config import Settings
 from hesscli.errors import BackendUnavailable, ConvergenceWarning, InputError, UnsupportedAnalysis
@@ -212,8 +213,8 @@ class EigenthingsBackend:
         return torch.stack([op.matvec(V[:, i].contiguous()) for i in range(V.shape[1])], dim=1)
 
     def _budget(self, settings: Settings, n: int, k_total: int) -> int:
-        """Lanczos steps: ``--max-iter`` or the native default ``max(100, 20 k)``, capped at ``n``."""
-        steps = settings.max_iter or max(100, 20 * k_total)
+        """Lanczos steps: ``--max-iter`` or the native default ``max(200, 20 k)``, capped at ``n``."""
+        steps = settings.max_iter or max(DEFAULT_MAX_ITER, 20 * k_total)
         return max(min(steps, n), min(k_total, n))
 
     def _ritz(self, op: Any, k: int, which: str, steps: int, generator: torch.Generator) -> tuple[Any, float]:

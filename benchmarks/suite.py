@@ -213,6 +213,10 @@ class Suite:
         if task == "min-eig":
             small = out.get("small") or []
             return rel_err(min(small), ref.bottom[0]) if small else math.inf
+        if task == "scan":  # the top-10 and λ_min served by the same calls
+            if not out.get("eigs") or not out.get("small"):
+                return math.inf
+            return max(top_error(out["eigs"], ref, min(10, len(out["eigs"]))), rel_err(min(out["small"]), ref.bottom[0]))
         if task == "extremes":
             big, small = out.get("eigs") or [], out.get("small") or []
             if not big or not small:
@@ -451,6 +455,11 @@ def run_workload(workload: Workload, ref: Reference, plan: Plan,
         row("trace", "backpack", "DiagHessian -> exact trace", lambda: peers.backpack_diag_trace(w, ctx))
         row("density", "hesscli", "density --runs 1 --iters 20", nat("density", runs=1, iters=20))
         row("density", "pyhessian", "density(iter=20) + torch.eig shim", pyh("density", shim=True, iter=20))
+        trio = ("eigs", "extremes", "density")
+        row("scan", "hesscli", "eigs + extremes + density, one shared Lanczos run",
+            lambda: peers.native_scan(problem, trio, ctx, top_k=3, iters=20, runs=2))
+        row("scan", "hesscli", "the same three analyses run separately",
+            lambda: peers.native_scan(problem, trio, ctx, shared=False, top_k=3, iters=20, runs=2))
         S.sweep("top-10 1e-4", "top-10", "hesscli", "eigs --top-k 10 --tol t",
                 [(f"tol={t:g}", nat("eigs", top_k=10, tol=t)) for t in (1e-2, 1e-6)], goal_top)
         S.pyhessian_trace_sweep(20)
@@ -490,6 +499,14 @@ def run_workload(workload: Workload, ref: Reference, plan: Plan,
             et("lanczos", k=1, which="SA", max_iter=100, reorthogonalize=True), kind="tuned")
         cmin = row("min-eig", "curvlinops", "eigsh(k=1, which='SA') defaults (tol=0)", eigsh(k=1, which="SA"),
                    cap_seconds=60 if not q else 20)
+
+    # --- several analyses of one checkpoint (scan --analyses eigs,extremes,density)
+    if full:
+        trio = ("eigs", "extremes", "density")
+        row("scan", "hesscli", "eigs --top-k 10 + extremes + density, one shared Lanczos run",
+            lambda: peers.native_scan(problem, trio, ctx, top_k=10), kind="matched")
+        row("scan", "hesscli", "the same three analyses run separately",
+            lambda: peers.native_scan(problem, trio, ctx, shared=False, top_k=10), kind="matched")
 
     # --- trace (≈100 products: the equal-budget comparison)
     budget = 30 if not full else 100

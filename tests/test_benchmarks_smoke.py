@@ -35,6 +35,12 @@ def test_suite_runs_every_library_counts_products_and_writes_the_report(tmp_path
     density = _row(results, "density", "hesscli", "density --runs 1 --iters 20")
     assert density["n_hvp"] == 20 and density["error"] < 0.05
 
+    # one Lanczos run serving eigs, extremes and an SLQ run: fewer products, the same accuracy
+    shared = _row(results, "scan", "hesscli", "eigs + extremes + density, one shared")
+    separate = _row(results, "scan", "hesscli", "the same three analyses run separately")
+    assert shared["n_hvp"] < separate["n_hvp"] and shared["n_hvp"] == shared["reported_hvp"]
+    assert shared["error"] < 1e-3 and separate["error"] < 1e-3
+
     # the counting wrappers see every peer's products
     assert _row(results, "density", "pyhessian", "density(iter=20)")["n_hvp"] == 20  # one HVP per step
     assert _row(results, "top-1", "eigenthings", "lanczos(k=1)")["n_hvp"] == 2  # max_iter = min(2k, n-1)

@@ -30,6 +30,23 @@ def _fail(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
+_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+                 "NCCL communicator was aborted", "Broken pipe")
+"""Fragments of the errors a collective raises on the other ranks when one process of a
+``torchrun`` job dies."""
+
+
+def _peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` only says that another rank of a multi-process job went away."""
+    import os
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    return world > 1 and any(fragment in str(error) for fragment in _PEER_FAILURE)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI and exit with the contract's exit code (always raises ``SystemExit``).
 
@@ -55,5 +72,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - the contract: one line, exit 1, --debug for the traceback
         if debug:
             raise
+        if _peer_failure(e):  # the failing rank prints the one error line; this one only says why it stops
+            import os
+
+            typer.echo(f"rank {os.environ.get('RANK', '?')}: stopped because another process of the job failed",
+                       err=True)
+            raise SystemExit(1)
         _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", 1)
     raise SystemExit(0)  # pragma: no cover - standalone mode always exits

@@ -242,5 +242,10 @@ def test_kept_tridiagonal_is_the_lanczos_matrix_of_the_start_vector():
     for j in range(1, 2 * 12):  # Gauss quadrature with 12 nodes is exact up to degree 23
         moment = float(v0 @ torch.linalg.matrix_power(M, j) @ v0)
         assert math.isclose(float((w * theta**j).sum()), moment, rel_tol=1e-8, abs_tol=1e-8 * 12.0**j)
+    longer = lanczos_run(DenseOperator(M), k=1, generator=gen(5), keep_tridiagonal=60)
+    plain = lanczos_eigs(DenseOperator(M), k=1, generator=gen(5))
+    assert plain.n_iter < 60 and longer.result.n_iter == 60 and longer.alphas.shape == (60,)  # went on for it
+    assert torch.allclose(longer.alphas[:12], run.alphas)  # the same Krylov process
+    assert abs(longer.result.eigenvalues[0] - 12.0) <= 1e-10 * 12
     short = lanczos_run(DenseOperator(M), k=1, generator=gen(5), keep_tridiagonal=400)
-    assert short.alphas is None  # the run stopped before 400 steps
+    assert short.alphas is None  # 400 steps do not fit in the basis (ncv 100): not kept

@@ -418,7 +418,9 @@ def lanczos_run(
     keep_tridiagonal: int = 0,
 ) -> LanczosRun:
     """:func:`lanczos_eigs`, also returning the Lanczos matrix of the first ``keep_tridiagonal``
-    steps (see :class:`LanczosRun`), so that one run can serve a spectral density too.
+    steps (see :class:`LanczosRun`), so that one run can serve a spectral density too. When the
+    wanted values converge sooner, the run goes on to ``keep_tridiagonal`` steps (if that fits
+    in ``ncv`` and ``max_iter``): those steps would be spent by the density run anyway.
 
     Raises:
         InputError: As :func:`lanczos_eigs`, and for ``k_smallest`` without ``which="both"``.
@@ -477,6 +479,8 @@ def lanczos_run(
                 done = bool(ok[[lz.start + i for i in ends[0] + ends[1]]].all())
             if done and lz.broke:
                 done = not _more_copies(theta, threshold, lz.start, top, bottom)
+        if done and plain and tridiagonal is None and lz.m < keep_tridiagonal <= ncv and not lz.broke:
+            done = False  # a few more steps make the density's first run (and only sharpen these values)
         if done or used >= max_iter:
             break
         if lz.m == ncv:

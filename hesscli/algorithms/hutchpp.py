@@ -35,13 +35,17 @@ def hutchpp(
     sketch vectors ``S``, ``s`` products with the basis ``Q = orth(A S)`` (fewer when ``s``
     exceeds the size), and the rest (about ``m / 3``) Rademacher probes ``G`` for the
     residual. The estimate is
-    ``tr(Qᵀ A Q) + mean_z zᵀ (I - QQᵀ) A z``; both terms are unbiased given ``Q``, and the
-    standard error and Student-t interval come from the residual samples (given ``Q`` the
-    residual is the only random term). The residual uses ``A z`` of the unprojected probes,
-    projected afterwards, so per-group traces come from the same products: group ``g``
-    gets ``sum_{i in g} (Q ∘ AQ)_i`` plus the mean of ``z_gᵀ ((I - QQᵀ) A z)_g``, which is
-    unbiased for ``tr(A_gg)`` because ``tr(D_g A P) = tr(D_g P A)`` for symmetric ``A``,
-    ``P = QQᵀ`` and the diagonal mask ``D_g``. Group estimates sum to the total.
+    ``tr(Qᵀ A Q) + mean_z zᵀ (I - P) A (I - P) z`` with ``P = QQᵀ``; both terms are unbiased
+    given ``Q``, and the standard error and Student-t interval come from the residual samples
+    (given ``Q`` the residual is the only random term). Probes are projected *before* the
+    product, as in Meyer et al.: projecting only afterwards (``zᵀ (I - P) A z``) is unbiased
+    too, but lets the large eigen-directions held by ``Q`` leak into every sample through
+    ``(I - P) A P``, which on Hessians of trained networks costs several times the error.
+    Per-group traces come from the same products: with the diagonal mask ``D_g``,
+    ``tr(D_g A) = tr(D_g P A) + tr(D_g (I - P) A P) + tr(D_g (I - P) A (I - P))``; the first two
+    are exact from ``Q`` and ``AQ`` (rows of ``Q ∘ AQ`` and of ``Q ∘ W``, ``W = (I - P) A Q``,
+    whose total ``tr(Qᵀ W)`` is 0), and the mean of ``z_gᵀ ((I - P) A (I - P) z)_g`` is unbiased
+    for the third. Group estimates sum to the total.
 
     With fewer than 3 products there is no room for a sketch and the call falls back to
     :func:`hesscli.algorithms.hutchinson.hutchinson` with the same budget.
@@ -51,8 +55,8 @@ def hutchpp(
         n_matvecs: Product budget ``m``; exactly ``m`` products are spent.
         generator: Seeded CPU generator (sketch first, then residual probes).
         block_size: Most columns per ``matmat`` call (default 16, as for
-            :func:`~hesscli.algorithms.hutchinson.hutchinson`). Memory is ``Q`` (``m / 3``
-            vectors) plus two blocks.
+            :func:`~hesscli.algorithms.hutchinson.hutchinson`). Memory is ``Q`` and ``AQ``
+            (``m / 3`` vectors each) plus two blocks.
         confidence: Coverage of the interval.
 
     Returns:
@@ -93,18 +97,22 @@ def hutchpp(
     del Y
     n_residual = n_matvecs - s - Q.shape[1]
 
-    # Exact part: tr(D_g A Q Qᵀ) = sum over rows of g of Q ∘ AQ.
-    exact = torch.zeros(len(groups.names) + 1, dtype=torch.float64, device=A.device)
+    # Exact part: the diagonal of P A + (I - P) A P with P = QQᵀ, whose trace is tr(Qᵀ A Q); per
+    # group, rows of Q ∘ AQ plus rows of Q ∘ W with W = (I - P) A Q.
+    AQ = torch.empty_like(Q)
     for c in range(0, Q.shape[1], block_size):
-        Qc = Q[:, c:c + block_size]
-        exact += groups(Qc * A.matmat(Qc)).sum(1)
+        AQ[:, c:c + block_size] = A.matmat(Q[:, c:c + block_size])
+    W = AQ - Q @ (Q.T @ AQ)
+    exact = (groups(Q * AQ) + groups(Q * W)).sum(1)
+    del AQ, W
 
-    # Residual: z_gᵀ ((I - QQᵀ) A z)_g for fresh probes z.
+    # Residual: zᵀ D_g (I - P) A (I - P) z for fresh probes z; the products are of projected probes,
+    # so the large eigen-directions that Q holds cannot leak into the samples.
     blocks = []
     for c in range(0, n_residual, block_size):
         b = min(block_size, n_residual - c)
         G = draw(b)
-        R = A.matmat(G)
+        R = A.matmat(G - Q @ (Q.T @ G))
         R -= Q @ (Q.T @ R)
         blocks.append(groups(G.mul_(R)))
         del R, G

@@ -95,7 +95,7 @@ def test_broaden_reproduces_the_density(case):
     _, _, r = case
     x, p, sigma = broaden(r.nodes, r.weights)
     assert torch.equal(x, r.grid) and torch.equal(p, r.density) and sigma == r.sigma
-    span = float(x[-1] - x[0])
+    span = 1.1 * float(r.nodes.max() - r.nodes.min())  # the node range with its 5% margins
     assert sigma == pytest.approx(span / ((ITERS - 1) * math.sqrt(8 * math.log(3))), rel=1e-12)
     x2, p2, s2 = broaden(r.nodes, r.weights, sigma=0.05, grid=300)
     assert s2 == 0.05 and x2.shape == (300,)
@@ -168,3 +168,66 @@ def test_broaden_a_point_mass():
     x, p, _ = broaden(torch.tensor([2.0, 2.0]), torch.tensor([0.5, 0.5]))
     assert float(x[int(p.argmax())]) == pytest.approx(2.0, abs=float(x[1] - x[0]))
     assert float(torch.trapezoid(p, x)) == pytest.approx(1.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- moments of the smoothed density
+
+# A Hessian-like spectrum: a bulk around zero, a few large outliers, some negative curvature; its
+# mean (0.13) is small next to its range, so a density cut off at the grid's edge shows at once.
+SKEWED = torch.cat([
+    torch.rand(290, generator=gen(11), dtype=F64) * 1.0 - 0.4,
+    torch.tensor([4.0, 7.0, 11.0, -1.0], dtype=F64),
+])
+
+
+def _moments(r) -> tuple[list[float], list[float]]:
+    """Zeroth to second moments of the smoothed density (trapezoid on its grid) and of the
+    quadrature (run average of Σ w θ^k, plus σ² for the second: the Gaussians' own variance)."""
+    smooth = [float(torch.trapezoid(r.density * r.grid**k, r.grid)) for k in range(3)]
+    quad = [float((r.weights * r.nodes**k).sum(1).mean()) for k in range(3)]
+    quad[2] += r.sigma**2
+    return smooth, quad
+
+
+@pytest.mark.parametrize("iters", [4, 10, 20, 80])
+def test_smoothed_density_has_the_moments_of_the_quadrature(iters):
+    r = slq(DenseOperator(symmetric(SKEWED, 4)), iters=iters, runs=3, generator=gen(1))
+    smooth, quad = _moments(r)
+    scale = float(r.nodes.max() - r.nodes.min()) + r.sigma
+    assert smooth[0] == pytest.approx(1.0, abs=1e-12)
+    assert abs(smooth[1] - quad[1]) <= 1e-7 * scale, (smooth, quad)
+    assert abs(smooth[2] - quad[2]) <= 1e-7 * scale**2, (smooth, quad)
+    # the quadrature's mean is the mean eigenvalue up to the start vectors' noise
+    assert abs(quad[1] - float(SKEWED.mean())) < 0.1 * float(SKEWED.std())
+
+
+@pytest.mark.parametrize("iters", [4, 10, 80])
+def test_smoothed_density_is_the_gaussian_mixture_before_renormalising(iters):
+    # The renormalisation to a unit integral must be a no-op up to rounding: the grid holds all of
+    # every Gaussian, so the mixture's mass on the grid is already 1.
+    r = slq(DenseOperator(symmetric(SKEWED, 4)), iters=iters, runs=3, generator=gen(2))
+    z = (r.grid.unsqueeze(0).unsqueeze(0) - r.nodes.unsqueeze(2)) / r.sigma  # [runs, M, grid]
+    mixture = (r.weights.unsqueeze(2) * torch.exp(-0.5 * z * z)).sum(1).mean(0) / (r.sigma * math.sqrt(2 * math.pi))
+    assert torch.allclose(r.density, mixture, rtol=1e-7, atol=1e-9 * float(mixture.max()))
+    reach = (float(r.nodes.min() - r.grid[0]), float(r.grid[-1] - r.nodes.max()))
+    assert min(reach) >= 6 * r.sigma * (1 - 1e-12)
+
+
+def test_broaden_covers_a_sigma_wider_than_the_spectrum():
+    nodes = torch.tensor([[0.0, 1.0, 10.0]], dtype=F64)
+    weights = torch.tensor([[0.5, 0.3, 0.2]], dtype=F64)
+    x, p, sigma = broaden(nodes, weights, sigma=25.0, grid=2000)
+    assert sigma == 25.0
+    assert float(x[0]) <= -6 * 25.0 and float(x[-1]) >= 10.0 + 6 * 25.0
+    mean = float(torch.trapezoid(p * x, x))
+    second = float(torch.trapezoid(p * x * x, x))
+    assert mean == pytest.approx(2.3, rel=1e-7)  # 0.3·1 + 0.2·10
+    assert second == pytest.approx(0.3 + 0.2 * 100 + 25.0**2, rel=1e-7)
+
+
+def test_broaden_keeps_the_padding_when_sigma_is_narrow():
+    nodes = torch.linspace(-1.0, 3.0, 80, dtype=F64)
+    x, _, sigma = broaden(nodes, torch.full((80,), 1 / 80, dtype=F64))
+    assert 6 * sigma < 0.05 * 4.0
+    assert float(x[0]) == pytest.approx(-1.0 - 0.05 * 4.0, rel=1e-12)
+    assert float(x[-1]) == pytest.approx(3.0 + 0.05 * 4.0, rel=1e-12)

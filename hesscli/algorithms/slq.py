@@ -38,6 +38,11 @@ KAPPA = 3.0
 """Papyan (2020, Section D.2): adjacent Gaussians, one node spacing apart, fall to ``1/κ``
 of their peak halfway between them."""
 
+KERNEL_REACH = 6.0
+"""The density grid reaches at least this many ``σ`` beyond the extreme nodes: a Gaussian
+keeps 1e-9 of its mass beyond 6σ, so cutting it there moves no moment visibly. With the
+default ``σ`` this widens the 5% margin below about 46 Lanczos steps."""
+
 
 def slq(
     A: CurvatureOperator,
@@ -195,7 +200,7 @@ def default_sigma(lo: float, hi: float, n_nodes: int) -> float:
     Lanczos steps give wider bumps instead of a comb of isolated spikes.
 
     Args:
-        lo: Left end of the plotted interval (padding included).
+        lo: Left end of the node interval widened by the padding (the 5% margin).
         hi: Right end.
         n_nodes: Quadrature nodes per run (``iters``).
 
@@ -216,9 +221,14 @@ def broaden(
     """Turn quadrature nodes and weights into a smooth density on an even grid.
 
     The density is the average over runs of ``Σ_j w_j N(x; θ_j, σ²)`` on ``grid`` points
-    spanning ``[min node, max node]`` widened by ``padding · range`` on each side (Papyan
-    2020 uses a 5% margin), renormalised so its trapezoidal integral is exactly 1. Use it to
-    re-smooth saved nodes/weights with another ``sigma`` or ``grid`` without new products.
+    spanning ``[min node, max node]`` widened on each side by ``padding · range`` (Papyan
+    2020 uses a 5% margin) or by ``KERNEL_REACH · σ``, whichever is wider, so every Gaussian
+    lies on the grid up to a tail of 1e-9 of its mass. Its moments are then those of the
+    quadrature: mass 1, mean ``Σ w_j θ_j`` and second moment ``Σ w_j θ_j² + σ²`` (averaged over
+    runs). It is renormalised so its trapezoidal integral is exactly 1 (a correction of the
+    order of that tail and of the trapezoidal error, both negligible while ``σ`` spans
+    several grid steps). Use it to re-smooth saved nodes/weights with another ``sigma`` or
+    ``grid`` without new products.
 
     Args:
         nodes: ``[runs, M]`` or ``[M]`` quadrature nodes.
@@ -226,7 +236,8 @@ def broaden(
         sigma: Gaussian width; default :func:`default_sigma` on the padded interval with ``M``
             nodes.
         grid: Number of grid points (at least 2).
-        padding: Relative margin on each side of the node range.
+        padding: Relative margin on each side of the node range (at least ``KERNEL_REACH · σ``
+            is kept whatever its value).
 
     Returns:
         ``(grid, density, sigma)``: float64 CPU tensors ``[grid]`` and the width used.
@@ -256,10 +267,10 @@ def broaden(
     width = hi - lo
     if width <= 1e-12 * max(abs(lo), abs(hi)):  # a single point mass: give it a visible interval
         width = max(abs(lo), abs(hi)) or 1.0
-    lo, hi = lo - padding * width, hi + padding * width
     if sigma is None:
-        sigma = default_sigma(lo, hi, nodes.shape[1])
-    x = torch.linspace(lo, hi, grid, dtype=torch.float64)
+        sigma = default_sigma(lo - padding * width, hi + padding * width, nodes.shape[1])
+    margin = max(padding * width, KERNEL_REACH * sigma)  # the grid holds every node's whole Gaussian
+    x = torch.linspace(lo - margin, hi + margin, grid, dtype=torch.float64)
     density = torch.zeros(grid, dtype=torch.float64)
     for run_nodes, run_weights in zip(nodes, weights):  # one run at a time: [M, grid] scratch, not [runs, M, grid]
         z = (x.unsqueeze(0) - run_nodes.unsqueeze(1)) / sigma

@@ -30,6 +30,11 @@ _MIN_PROBES_FOR_TOL = 10
 samples is itself too noisy to trust as a stopping signal."""
 
 
+_MIN_SAMPLES_FOR_SKEWNESS = 5
+"""Below 5 samples the skewness estimate costs coverage on symmetric samples (about 1.5 points
+at 3 samples) without restoring it on skewed ones, so the plain t interval is used."""
+
+
 def hutchinson(
     A: CurvatureOperator,
     *,
@@ -44,7 +49,8 @@ def hutchinson(
 
     Probes are multiplied in blocks of ``block_size`` columns. The standard error is the
     sample standard deviation over ``sqrt(n)``; the interval is Student-t with ``n - 1``
-    degrees of freedom. When ``A.groups`` has more than one entry, the trace of each
+    degrees of freedom corrected for the skewness of the samples (:func:`summarise`), which
+    keeps its coverage when a few eigenvalues dominate the trace. When ``A.groups`` has more than one entry, the trace of each
     diagonal block is estimated from the same probes at no extra product, and the group
     estimates sum to the total.
 
@@ -152,14 +158,35 @@ class GroupSums:
 
 
 def summarise(samples: Tensor, confidence: float) -> tuple[float, float, float, float]:
-    """Mean, standard error and Student-t interval of 1-D float64 ``samples``.
+    """Mean, standard error and skewness-corrected t interval of 1-D float64 ``samples``.
+
+    Hutchinson samples ``zᵀ A z`` are skewed whenever a few eigenvalues dominate the trace
+    (a quadratic form in a near-Gaussian vector behaves like a weighted sum of ``χ²₁``
+    variables, skewness up to ``2√2``), and a Student-t interval then misses the truth far
+    more often than it says, almost always from below. The interval here is Hall's (1992,
+    "On the removal of skewness by transformation", JRSS B 54) transformation of the
+    t statistic ``T = (mean - tr) / stderr``:
+    ``g(T) = T + a T² + a² T³ / 3 + b`` with ``a = γ / (3 √n)`` and ``b = γ / (6 √n)``, which
+    removes the skewness term of ``T``'s Edgeworth expansion and is monotone, so it inverts in
+    closed form. ``γ`` is the sample skewness with the usual small-sample correction
+    ``G₁ = g₁ √(n (n - 1)) / (n - 2)``. The interval is
+    ``[mean - stderr · g⁻¹(q), mean - stderr · g⁻¹(-q)]`` with ``q`` the Student-t quantile
+    (``n - 1`` degrees of freedom). For symmetric samples (``γ = 0``) it is exactly the
+    Student-t interval; for right-skewed samples it reaches further up than down.
 
     Args:
         samples: ``[n]`` independent samples.
         confidence: Interval coverage, e.g. ``0.95``.
 
     Returns:
-        ``(mean, stderr, ci_low, ci_high)``; the error bar is infinite when ``n < 2``.
+        ``(mean, stderr, ci_low, ci_high)``; the error bar is infinite when ``n < 2``, and the
+        plain Student-t interval is used for ``n < 5``, where a skewness estimate is mostly
+        noise (no interval from so few samples covers skewed spectra at its nominal rate).
+
+    Example:
+        >>> m, se, lo, hi = summarise(torch.tensor([1.0, 1.1, 0.9, 1.2, 6.0], dtype=torch.float64), 0.95)
+        >>> round(m, 6), hi - m > m - lo  # one large sample: the interval leans upwards
+        (2.04, True)
     """
     from scipy.stats import t as student_t
 
@@ -168,8 +195,27 @@ def summarise(samples: Tensor, confidence: float) -> tuple[float, float, float, 
     if n < 2:
         return mean, math.inf, -math.inf, math.inf
     se = float(samples.std(correction=1)) / math.sqrt(n)
-    half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * se
-    return mean, se, mean - half, mean + half
+    q = float(student_t.ppf(0.5 + confidence / 2, n - 1))
+    if se == 0 or not math.isfinite(se):
+        return mean, se, mean - q * se, mean + q * se
+    gamma = 0.0
+    if n >= _MIN_SAMPLES_FOR_SKEWNESS:
+        d = samples.to(torch.float64) - mean
+        m2, m3 = float((d * d).mean()), float((d * d * d).mean())
+        gamma = m3 / m2**1.5 * math.sqrt(n * (n - 1)) / (n - 2) if m2 > 0 else 0.0
+    a, b = gamma / (3 * math.sqrt(n)), gamma / (6 * math.sqrt(n))
+    return mean, se, mean - se * _hall_inverse(q, a, b), mean - se * _hall_inverse(-q, a, b)
+
+
+def _hall_inverse(u: float, a: float, b: float) -> float:
+    """Solve ``t + a t² + a² t³ / 3 + b = u`` for ``t``: ``((1 + 3a (u - b))^(1/3) - 1) / a``."""
+    v = u - b
+    if abs(a) < 1e-12:
+        return v
+    x = 3 * a * v
+    if x > -1:
+        return math.expm1(math.log1p(x) / 3) / a  # accurate when a (u - b) is small
+    return (-((-1 - x) ** (1 / 3)) - 1) / a  # the real cube root of a negative number
 
 
 def trace_result(

@@ -36,7 +36,8 @@ def hutchpp(
     exceeds the size), and the rest (about ``m / 3``) Rademacher probes ``G`` for the
     residual. The estimate is
     ``tr(Qᵀ A Q) + mean_z zᵀ (I - P) A (I - P) z`` with ``P = QQᵀ``; both terms are unbiased
-    given ``Q``, and the standard error and Student-t interval come from the residual samples
+    given ``Q``, and the standard error and the skewness-corrected t interval
+    (:func:`~hesscli.algorithms.hutchinson.summarise`) come from the residual samples
     (given ``Q`` the residual is the only random term). Probes are projected *before* the
     product, as in Meyer et al.: projecting only afterwards (``zᵀ (I - P) A z``) is unbiased
     too, but lets the large eigen-directions held by ``Q`` leak into every sample through

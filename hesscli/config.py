@@ -52,7 +52,7 @@ class Settings:
     method: str | None = None  # hutchinson | hutch++ | exact; None: the backend's default (native: hutch++)
     probes: int = 100
     tol: float | None = None  # eigs / extremes: relative residual tolerance (default 1e-6)
-    trace_tol: float | None = None  # trace: stop when stderr/|estimate| reaches this (``trace --tol``)
+    trace_tol: float | None = None  # trace: target stderr/|estimate|, probe count planned from a pilot (``trace --tol``)
     # eigs / extremes
     top_k: int = 10
     which: str = "largest"  # largest | smallest | both

@@ -143,19 +143,46 @@ def test_hutchinson_single_group_reports_no_groups():
     assert r.groups == ()
 
 
-def test_hutchinson_tol_stops_early_and_reaches_target():
-    A = DenseOperator(symmetric(torch.linspace(1.0, 3.0, 40)))
-    r = hutchinson(A, n_probes=5000, generator=gen(), tol=0.01, block_size=8)
-    assert r.converged
-    assert 16 <= r.n_probes < 5000 and r.n_probes % 8 == 0
-    assert r.stderr <= 0.01 * abs(r.estimate)
-    assert r.n_hvp == r.n_probes
+def test_hutchinson_tol_plans_from_a_pilot_and_averages_fresh_probes():
+    from hesscli.algorithms.hutchinson import MIN_FRESH_PROBES, PILOT_PROBES
+
+    M = symmetric(torch.linspace(1.0, 3.0, 40))
+    tol = 0.01
+    r = hutchinson(DenseOperator(M), n_probes=5000, generator=gen(), tol=tol, block_size=8)
+    Z = probes(40, r.n_probes, generator=gen(), dtype=F64, device="cpu")  # the probes it drew, in order
+    samples = (Z * (M @ Z)).sum(0)
+    pilot = samples[:PILOT_PROBES]
+    assert float(pilot.std()) < 0.3 * float(pilot.mean()) * math.sqrt(PILOT_PROBES)  # resolved at once
+    planned = max(MIN_FRESH_PROBES, math.ceil((float(pilot.std()) / (tol * float(pilot.mean()))) ** 2))
+    assert r.converged and r.n_probes == r.n_hvp == PILOT_PROBES + planned < 5000
+    fresh = samples[PILOT_PROBES:]
+    assert r.estimate == pytest.approx(float(fresh.mean()), rel=1e-13)
+    assert r.stderr == pytest.approx(float(fresh.std()) / math.sqrt(planned), rel=1e-10)
+    assert r.estimate != pytest.approx(float(samples.mean()), rel=1e-13)  # the pilot is set aside
+    assert r.stderr < 1.5 * tol * r.estimate
 
 
-def test_hutchinson_tol_needs_two_blocks_and_ten_probes():
-    A = DenseOperator(torch.eye(5, dtype=F64) * 2)  # zero variance: tol met at the first check
-    assert hutchinson(A, n_probes=100, generator=gen(), tol=0.1, block_size=4).n_probes == 12
-    assert hutchinson(A, n_probes=100, generator=gen(), tol=0.1, block_size=16).n_probes == 32
+def test_hutchinson_tol_does_not_depend_on_block_size():
+    A = DenseOperator(symmetric(torch.linspace(-1.0, 1.2, 40)))
+    runs = [hutchinson(A, n_probes=5000, generator=gen(3), tol=0.1, block_size=b) for b in (3, 16, 64)]
+    assert runs[0].n_probes == runs[1].n_probes == runs[2].n_probes
+    assert runs[0].estimate == pytest.approx(runs[1].estimate, rel=1e-12) == runs[2].estimate
+
+
+def test_hutchinson_tol_pilot_and_minimum_fresh_probes():
+    A = DenseOperator(torch.eye(5, dtype=F64) * 2)  # zero variance: the plan asks for the minimum
+    for b in (4, 16):
+        r = hutchinson(A, n_probes=100, generator=gen(), tol=0.1, block_size=b)
+        assert r.n_probes == 32 and r.converged and r.estimate == 10.0 and r.stderr == 0
+
+
+def test_hutchinson_tol_with_no_room_for_a_pilot_uses_the_whole_budget():
+    A = DenseOperator(torch.eye(5, dtype=F64) * 2)
+    r = hutchinson(A, n_probes=3, generator=gen(), tol=0.1)
+    assert r.n_probes == 3 and r.converged and r.estimate == 10.0
+    with pytest.warns(ConvergenceWarning, match="no room for a pilot"):
+        r = hutchinson(DenseOperator(symmetric(torch.linspace(-1.0, 1.2, 40))), n_probes=3, generator=gen(), tol=1e-3)
+    assert r.n_probes == 3 and not r.converged
 
 
 def test_hutchinson_tol_not_reached_warns_and_flags():
@@ -348,6 +375,33 @@ def test_hutchinson_interval_through_the_model_is_the_dense_one():
         for field in ("estimate", "stderr", "ci_low", "ci_high"):
             assert getattr(r, field) == pytest.approx(getattr(d, field), rel=1e-10), (seed, field)
         assert r.ci_high - r.estimate > r.estimate - r.ci_low  # skewed samples: the interval leans up
+
+
+# ---------------------------------------------------------------- the --tol rule: bias, coverage, cost
+
+TOL_SEEDS = 2000
+
+
+@pytest.mark.parametrize("name", ["indefinite", "skewed"])
+def test_hutchinson_tol_rule_is_unbiased_covers_and_plans_the_right_count(name):
+    # The indefinite spectrum (trace 4, per-probe spread 1.45x the trace) is where stopping at the
+    # first small running standard error overestimated the trace by +2% at tol=0.1.
+    M = symmetric(torch.linspace(-1.0, 1.2, 40)) if name == "indefinite" else regression_hessian(3.0)
+    A, truth, tol = DenseOperator(M), float(M.trace()), 0.1
+    results = [hutchinson(A, n_probes=100_000, generator=gen(s), tol=tol) for s in range(TOL_SEEDS)]
+    assert all(r.converged for r in results)
+    rel = torch.tensor([r.estimate / truth - 1 for r in results], dtype=F64)
+    bias, se = float(rel.mean()), float(rel.std()) / math.sqrt(TOL_SEEDS)
+    assert abs(bias) < 3.3 * se, (bias, se)  # consistent with no bias (two-sided p > 0.001)
+    assert abs(bias) + 3.3 * se < tol / 8, (bias, se)  # and any bias left is well below tol
+    k, p_below, _ = coverage(results, truth)
+    assert p_below > 1e-3, (k, p_below)
+    # The count: Var(zᵀMz) = 2 (‖M‖_F² - Σ M_ii²) for Rademacher z, so the ideal count is known.
+    ideal = 2 * float((M**2).sum() - (M.diagonal() ** 2).sum()) / (tol * truth) ** 2
+    n = torch.tensor([float(r.n_probes) for r in results], dtype=F64)
+    assert 0.6 * ideal < float(n.median()) and float(n.mean()) < 1.35 * ideal + 32, (float(n.mean()), ideal)
+    achieved = torch.tensor([r.stderr / abs(r.estimate) / tol for r in results], dtype=F64)
+    assert 0.8 < float(achieved.median()) < 1.25
 
 
 # ---------------------------------------------------------------- exact

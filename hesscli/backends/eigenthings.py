@@ -245,8 +245,9 @@ class EigenthingsBackend:
     def trace(self, problem: Problem, settings: Settings, generator: torch.Generator) -> TraceResult:
         """Hutchinson or Hutch++ via eigenthings' ``trace(method=..., num_matvecs=--probes)``.
 
-        The library's estimate and standard error are kept; the 95% interval is Student-t
-        on its per-sample values (for Hutch++ the residual-phase samples). ``trace --tol``
+        The library's estimate and standard error are kept; the 95% interval is hesscli's
+        skewness-corrected t interval (:func:`~hesscli.algorithms.hutchinson.summarise`) on its
+        per-sample values (for Hutch++ the residual-phase samples). ``trace --tol``
         (``settings.trace_tol``) does not stop the fixed budget: it only sets ``converged``
         (relative standard error within it).
 

@@ -19,8 +19,9 @@ class CurvatureMonitor:
 
     Rows (with the step) are appended to the Parquet tables under ``out``, exactly as
     ``hesscli scan`` writes them, so a log written during training and a scan of saved
-    checkpoints are read and plotted the same way. The model's train/eval mode is restored
-    after each measurement; nothing else about it is changed.
+    checkpoints are read and plotted the same way. The analyses run on a private copy of the
+    model (in eval mode and the requested dtype): the model being trained is never changed,
+    neither its dtype, parameter values, ``requires_grad``, ``.grad`` nor train/eval mode.
 
     Args:
         loss: loss name (``"cross_entropy"``, ``"mse"``, ...) or ``callable(outputs, targets)``.
@@ -66,14 +67,10 @@ class CurvatureMonitor:
         from hesscli.loading import problem_from_python
         from hesscli.results.parquet import write_outcomes
 
-        was_training = model.training
-        try:
-            problem = problem_from_python(model, self.loss, self.data, self.settings)
-            problem.checkpoint.source = f"{self.name}@step={step}"
-            problem.checkpoint.step = step
-            outcomes = [analyse(problem, a, self.settings) for a in self.analyses]
-        finally:
-            model.train(was_training)
+        problem = problem_from_python(model, self.loss, self.data, self.settings)  # a private copy
+        problem.checkpoint.source = f"{self.name}@step={step}"
+        problem.checkpoint.step = step
+        outcomes = [analyse(problem, a, self.settings) for a in self.analyses]
         write_outcomes(self.settings.out, outcomes)
         self.history.extend(outcomes)
         return outcomes

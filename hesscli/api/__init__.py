@@ -230,7 +230,8 @@ def trace(model: nn.Module, loss: Any, data: Any, **options: Any) -> TraceResult
     """Trace of the Hessian (or GGN) of the mean loss of ``model`` over ``data``.
 
     Args:
-        model: any ``nn.Module`` (put in eval mode; otherwise untouched).
+        model: any ``nn.Module``; it is analysed as a private copy in eval mode and never changed
+            (dtype, values, ``requires_grad``, ``.grad`` and train/eval mode stay as they were).
         loss: a loss name (``"cross_entropy"``, ``"mse"``, ...) or ``callable(outputs, targets)``.
         data: ``(inputs, targets)`` tensors, a torch ``Dataset`` or a ``DataLoader``.
         **options: any :class:`~hesscli.config.Settings` field, e.g. ``method="hutchinson"``,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 import math
@@ -29,6 +30,7 @@ __all__ = [
     "problem_from_python",
     "model_name",
     "distributed_context",
+    "private_copy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -250,6 +252,74 @@ def _model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def private_copy(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` on ``device``/``dtype`` whose changes never reach ``model``.
+
+    The module tree is copied (each module shallowly, so hooks and plain attributes are
+    shared and nothing unpicklable has to be copied); parameters become new ``Parameter``
+    objects with the same ``requires_grad`` and no ``.grad``, and buffers are copied. A
+    parameter already on ``device``/``dtype`` shares its storage with the original (the
+    analyses never write to parameters; they take derivatives with ``torch.autograd.grad``
+    and ``torch.func``), so no memory is spent on it; one that needs a cast is cast into the
+    copy only. Parameters shared between modules (tied weights) stay shared in the copy.
+    TorchScript modules are deep-copied and then moved.
+
+    Args:
+        model: the caller's module; it is not changed in any way.
+        device: where the analysis runs.
+        dtype: the floating dtype of the analysis (floating parameters and buffers are cast).
+
+    Returns:
+        The copy, in the same train/eval mode as ``model``.
+
+    Raises:
+        InputError: a TorchScript module that cannot be copied.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1).double()
+        >>> twin = private_copy(net, torch.device("cpu"), torch.float32)
+        >>> twin.weight.dtype, net.weight.dtype, twin.weight is net.weight
+        (torch.float32, torch.float64, False)
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        try:
+            twin = copy.deepcopy(model)
+        except Exception as e:
+            raise InputError(f"model {model_name(model)}: this TorchScript module cannot be copied "
+                             f"({one_line(e)[:200]}); hesscli analyses a copy so that your model is never changed") from e
+        return twin.to(device=device, dtype=dtype)
+
+    def cast(t: Tensor) -> Tensor:
+        return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    tensors: dict[int, Tensor] = {}
+    modules: dict[int, nn.Module] = {}
+
+    def param(p: Tensor) -> Tensor:
+        if id(p) not in tensors:
+            tensors[id(p)] = nn.Parameter(cast(p), requires_grad=p.requires_grad)
+        return tensors[id(p)]
+
+    def buffer(b: Tensor) -> Tensor:  # always a copy: a forward pass may update buffers in place
+        if id(b) not in tensors:
+            tensors[id(b)] = b.detach().to(device=device, dtype=dtype if b.is_floating_point() else b.dtype, copy=True)
+        return tensors[id(b)]
+
+    def tree(m: nn.Module) -> nn.Module:
+        if id(m) not in modules:
+            # A new __dict__ (not copy.copy: parametrized modules refuse __getstate__); the three
+            # dicts below are replaced, the rest (hooks, plain attributes) is shared.
+            twin = type(m).__new__(type(m))
+            twin.__dict__.update(m.__dict__)
+            modules[id(m)] = twin
+            twin._parameters = {k: None if v is None else param(v) for k, v in m._parameters.items()}
+            twin._buffers = {k: None if v is None else buffer(v) for k, v in m._buffers.items()}
+            twin._modules = {k: None if v is None else tree(v) for k, v in m._modules.items()}
+        return modules[id(m)]
+
+    return tree(model)
+
+
 def problem_from_python(
     model: nn.Module,
     loss: str | LossFn,
@@ -258,11 +328,13 @@ def problem_from_python(
 ) -> Problem:
     """Build a problem from Python objects, e.g. inside a training loop.
 
-    Without ``settings`` the model stays where it is (its device and dtype). With
-    ``settings``, ``device="auto"`` still means the model's own device, and ``dtype``,
-    ``params``, ``batch_size``, ``max_samples`` and ``seed`` apply. The model is put in
-    eval mode (its previous mode is kept in ``problem.checkpoint.metadata["was_training"]``);
-    ``requires_grad`` flags and ``.grad`` are left alone.
+    The problem holds a private copy of ``model`` (:func:`private_copy`): the caller's model
+    is never changed, neither its dtype, device, parameter values, ``requires_grad`` flags,
+    ``.grad`` nor train/eval mode. Without ``settings`` the analysis runs where the model is
+    (its device and dtype). With ``settings``, ``device="auto"`` still means the model's own
+    device, and ``dtype``, ``params``, ``batch_size``, ``max_samples`` and ``seed`` apply. The
+    copy is put in eval mode (the model's own mode is recorded in
+    ``problem.checkpoint.metadata["was_training"]``).
 
     Args:
         model: the network.
@@ -313,5 +385,6 @@ def problem_from_python(
             f"data is a {type(data).__name__}; pass (inputs, targets), a torch Dataset, a DataLoader or a "
             f"hesscli Dataset"
         )
-    loaded = LoadedModel(model=model, source="<python>", format="module", metadata={"was_training": model.training})
+    loaded = LoadedModel(model=private_copy(model, device, dtype), source="<python>", format="module",
+                         metadata={"was_training": model.training})
     return build_problem(loaded, dataset, spec, settings, device=device, dtype=dtype)

@@ -85,8 +85,9 @@ def hutchinson(
             ``stderr`` is measured on the fresh probes and scatters around that target (the
             interval, not ``tol``, is the error bar to trust). The pilot costs products that
             the estimate does not use: 16, or about 11% of the fresh ones at ``tol=0.1`` when the
-            trace is hard to tell from zero; it never takes more than half the budget. If the planned probes do not fit in the budget, the budget is spent,
-            a :class:`ConvergenceWarning` is issued and the result has ``converged=False``.
+            trace is hard to tell from zero; it never takes more than half the budget. If the
+            planned probes do not fit in the budget, the budget is spent on fresh probes, a
+            :class:`ConvergenceWarning` is issued and the result has ``converged=False``.
         block_size: Most probe columns per ``matmat`` call. Default 16: enough columns to
             amortise a pass over the data, while the block stays at 16 vectors of memory. It
             never changes the numbers (probes are drawn column by column).

@@ -369,7 +369,8 @@ class PyHessianBackend:
         --tol``, default 1e-3) its tolerance on the relative change of the running mean
         between probes (PyHessian's rule, not hesscli's relative-stderr target). The
         per-probe samples become an estimate, a standard error and a skewness-corrected
-        t 95% interval (:func:`~hesscli.algorithms.hutchinson.summarise`); per-parameter traces come from the same probes.
+        t 95% interval (:func:`~hesscli.algorithms.hutchinson.summarise`); per-parameter
+        traces come from the same probes.
 
         Returns:
             :class:`TraceResult` with ``method="hutchinson"``; ``converged`` is False (with

@@ -1,19 +1,36 @@
-"""Lanczos eigensolver: full reorthogonalisation, thick restart, residual-based stopping.
+"""Lanczos eigensolver: blocks, full reorthogonalisation, thick restart, honest stopping.
 
 The basis is kept orthonormal by classical Gram–Schmidt applied twice ("twice is
-enough": Giraud, Langou & Rozložník 2005), so the projected matrix ``H = Vᵀ A V`` is
-exact up to rounding and the Ritz residual of a unit Ritz vector ``y = V s`` is
-``||A y - θ y|| = |β_m s_m|`` (Parlett 1998, "The Symmetric Eigenvalue Problem", §13.1).
-When the basis holds ``ncv`` vectors the method restarts thickly (Wu & Simon 2000,
-"Thick-restart Lanczos method for large symmetric eigenvalue problems", SIMAX 22): the
-wanted Ritz vectors (plus a buffer next to them) are kept, the last residual vector
-continues the iteration, and memory stays at ``ncv`` vectors however many products run.
+enough": Giraud, Langou & Rozložník 2005). Every product ``A v`` is projected on the whole
+basis, so ``H = Vᵀ A V`` is the Rayleigh–Ritz matrix of the basis (not only its tridiagonal
+part) and the residual of a unit Ritz vector ``y = V s`` is ``||R s||``, where ``A V = V H + F R``
+ties the basis to the next block ``F`` (Parlett 1998, "The Symmetric Eigenvalue Problem",
+§13.1; Golub & Underwood 1977 for blocks). When the basis holds ``ncv`` vectors the method
+restarts thickly (Wu & Simon 2000, SIMAX 22): the wanted Ritz vectors (plus a buffer next to
+them) are kept, the next block continues the iteration, and memory stays at ``ncv`` vectors.
 
-An exact invariant subspace (``β ≈ 0``, see :func:`breakdown_tol`) is handled without
-loss: its Ritz pairs are locked as eigenpairs, and the iteration continues from a fresh random vector
-orthogonal to everything found, so eigenvalues that the start vector could not reach
-(repeated eigenvalues, deficient start vectors) are still found. When the basis spans the
-whole space the results are exact.
+**Blocks find repeated eigenvalues.** A Krylov space grown from ``b`` random vectors holds at
+most ``b`` independent eigenvectors of one eigenvalue. The run starts with ``b = 2`` (``b = 1``
+while it also serves a density run, see :func:`lanczos_run`); whenever a wanted eigenvalue
+strictly beyond the ``k``-th shows as many copies as the block has vectors, one more fresh
+random vector joins the block and the run goes on for as many block steps as the values took
+to converge, so that a further copy would have time to converge too. A column of the next
+block that vanishes (an invariant subspace, ``β`` at the level of rounding) is replaced by a
+fresh random vector orthogonal to everything so far; its coupling is dropped and counted in the
+error bounds.
+
+**Flags come from bounds that hold in the arithmetic used.** A computed product carries a
+rounding error ``E v``; no Ritz value is better than ``δ ≈ ||E||`` (the *arithmetic floor*).
+``δ`` is measured during the run: in exact arithmetic a product ``A v`` of a block has no
+component on basis vectors two or more blocks back, so the size of those components is a
+direct sample of the rounding error (:meth:`_BlockLanczos.floor`); ``δ`` is never taken below
+``4·eps·||A||``. Each eigenvalue's error bound is ``min(r, δ + r²/gap)`` with ``r`` the residual
+estimate plus ``δ`` plus the dropped couplings (:func:`floor_bounds`). A value is flagged
+converged when that bound is at most ``tol·|θ|`` (relative), or, for a value that cannot be told
+apart from zero (``|θ| <= bound``), when the bound is within ``2δ`` ("zero within the floor",
+``at_floor``). A value whose relative tolerance lies below the floor (a small float32 eigenvalue
+next to outliers 1e4× larger) stops the run once its bound reaches ``2δ`` and is reported with
+that bound and ``converged = False``.
 
 Projected eigenproblems are solved in float64 with ``torch.linalg.eigh`` on the CPU.
 """
@@ -33,8 +50,8 @@ from hesscli.errors import ConvergenceWarning, InputError
 from hesscli.operators.base import CurvatureOperator
 from hesscli.results.records import EigsResult, ExtremesResult
 
-__all__ = ["WHICH", "DEFAULT_MAX_ITER", "breakdown_tol", "default_ncv", "default_tol", "error_bounds", "lanczos_eigs",
-           "lanczos_run", "LanczosRun", "extremes", "extremes_of"]
+__all__ = ["WHICH", "DEFAULT_MAX_ITER", "BLOCK", "breakdown_tol", "default_ncv", "default_tol", "error_bounds",
+           "floor_bounds", "lanczos_eigs", "lanczos_run", "LanczosRun", "extremes", "extremes_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +63,32 @@ DEFAULT_MAX_ITER = 200
 as the wanted values converge, so the budget only bounds a hard case (the negative end of a
 Hessian, whose small eigenvalues sit next to a dense cluster around zero, often needs 100–200)."""
 
+BLOCK = 2
+"""Start block size: two random vectors, so an eigenvalue of multiplicity two shows as two
+copies (and a third copy is then looked for, see the module docstring)."""
+
+FLOOR_EPS = 2.0
+"""The arithmetic floor ``δ`` is at least ``FLOOR_EPS · eps · ||A||``."""
+
+FLOOR_SAFETY = 3.0
+"""The measured rounding error (a root mean square over many samples) is multiplied by this."""
+
 
 def breakdown_tol(dtype: torch.dtype) -> float:
-    """Relative size ``β / ||A||`` below which a Krylov space counts as invariant: ``eps^(2/3)``.
+    """Relative size ``β / ||A||`` below which a Lanczos vector counts as rounding noise: ``4·eps``.
 
-    An exhausted Krylov space leaves a rounding residual of ``eps · ||A||`` times a factor
-    that grows with the size and the number of basis vectors; ``eps^(2/3)`` (the "tiny"
-    scale of ARPACK's convergence test; 4e-11 in float64, 5e-6 in float32) sits well above
-    that noise and well below couplings that matter. Dropping a coupling this small moves
-    no eigenvalue by more than ``eps^(2/3) · ||A||``.
+    An exhausted Krylov space leaves a remainder of the size of the product's rounding error,
+    about ``eps · ||A||``; anything larger is a coupling to a part of the spectrum not yet seen
+    (in float32 a bulk of eigenvalues 1e5× below an outlier has couplings of ``1e-5 · ||A||``,
+    which must not be taken for an invariant subspace). Treating noise as a coupling is harmless
+    (the next vector is then a direction orthogonal to everything so far), so the threshold sits
+    at the noise level, not above it.
+
+    Example:
+        >>> breakdown_tol(torch.float64) == 4 * torch.finfo(torch.float64).eps
+        True
     """
-    return torch.finfo(dtype).eps ** (2 / 3)
+    return FLOOR_EPS * torch.finfo(dtype).eps
 
 
 _RESTART_CHUNK = 1 << 22
@@ -109,38 +141,57 @@ def error_bounds(theta: Tensor, res: Tensor) -> Tensor:
     towards ``θ_i`` by its own residual: ``gap_i = min_j |θ_j - θ_i| - r_j`` (no gap bound when
     that is not positive, e.g. inside a cluster). For the extreme Ritz values of a Krylov
     space this is the usual estimate; an eigenvalue the space has not detected at all
-    between ``θ_i`` and its neighbours would make the gap smaller than estimated.
+    between ``θ_i`` and its neighbours would make the gap smaller than estimated (the block
+    steps of :func:`lanczos_run` are there to detect repeated ones).
 
     Example:
         >>> b = error_bounds(torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([1e-3, 1e-2], dtype=torch.float64))
         >>> [f"{x:.4e}" for x in b.tolist()]  # 1e-3² / (1 - 1e-2), 1e-2² / (1 - 1e-3)
         ['1.0101e-06', '1.0010e-04']
     """
+    return floor_bounds(theta, res, 0.0)
+
+
+def floor_bounds(theta: Tensor, res: Tensor, delta: float | Tensor) -> Tensor:
+    """Error bounds ``min(r_i, δ + r_i² / gap_i)`` of Ritz values computed with products that carry
+    a rounding error of at most ``δ`` (``res`` already includes ``δ``).
+
+    The Ritz value is the Rayleigh quotient of the perturbed operator; the true Rayleigh
+    quotient differs by at most ``δ``, and Kato–Temple applies to the latter. With ``δ = 0`` this
+    is :func:`error_bounds`.
+
+    Example:
+        >>> t = torch.tensor([0.0, 5.0], dtype=torch.float64)
+        >>> floor_bounds(t, torch.tensor([0.1, 0.1], dtype=torch.float64), 0.05).tolist()  # 0.05 + 0.01 / 4.9
+        [0.05204081632653061, 0.05204081632653061]
+    """
     m = theta.numel()
     if m < 2:
         return res.clone()
     order = torch.argsort(theta)
     t, r = theta[order], res[order]
+    d = delta[order] if isinstance(delta, Tensor) else delta
     inf = torch.full((1,), math.inf, dtype=t.dtype)
     left = torch.cat([inf, (t[1:] - t[:-1]) - r[:-1]])
     right = torch.cat([(t[1:] - t[:-1]) - r[1:], inf])
     gap = torch.minimum(left, right)
-    bound_s = torch.where(gap > 0, torch.minimum(r, r * r / gap.clamp(min=torch.finfo(t.dtype).tiny)), r)
+    kato = d + r * r / gap.clamp(min=torch.finfo(t.dtype).tiny)
+    bound_s = torch.where(gap > 0, torch.minimum(r, kato), r)
     bound = torch.empty_like(bound_s)
     bound[order] = bound_s
     return bound
 
 
-class _Lanczos:
-    """Lanczos process over ``V`` (``[ncv, n]`` rows) with locking and thick restart.
+class _BlockLanczos:
+    """Block Lanczos process over ``V`` (``[ncv, n]`` rows) with thick restart.
 
-    ``V[:m]`` is the basis whose products are done, ``H[:m, :m]`` its projected matrix
-    and ``f`` the next unit vector, coupled to the basis by ``beta``. ``V[:start]`` spans an
-    invariant subspace (locked, exact up to the couplings dropped at breakdowns, at most
-    ``dropped``); ``V[start:m]`` is the active Krylov block.
+    ``V[:m]`` is the basis whose products are done and ``H[:m, :m] = Vᵀ A V`` its projected
+    matrix. ``F`` (``[b, n]`` rows, orthonormal, orthogonal to ``V``) is the next block and
+    ``R`` (``[b, m]``, float64) its coupling: ``A V[:m]ᵀ = V[:m]ᵀ H + Fᵀ R`` up to the dropped
+    couplings (their norm is at most ``sqrt(dropped2)``) and rounding.
     """
 
-    def __init__(self, A: CurvatureOperator, generator: torch.Generator, ncv: int) -> None:
+    def __init__(self, A: CurvatureOperator, generator: torch.Generator, ncv: int, block: int) -> None:
         self.A, self.generator, self.n, self.ncv = A, generator, A.size, ncv
         self.eps = torch.finfo(A.dtype).eps
         # the basis grows by doubling up to ``ncv`` rows: a run that converges early never
@@ -148,93 +199,151 @@ class _Lanczos:
         self.V = torch.zeros(min(ncv, _FIRST_ROWS), self.n, dtype=A.dtype, device=A.device)
         self.H = torch.zeros(ncv, ncv, dtype=torch.float64)
         self.m = 0
-        self.start = 0
-        self.beta = 0.0
-        self.dropped = 0.0
+        self.nblk = 0  # blocks appended so far; the next block gets this number
+        self.F = torch.zeros(0, self.n, dtype=A.dtype, device=A.device)
+        self.R = torch.zeros(0, 0, dtype=torch.float64)
+        self.dropped2 = 0.0
         self.anorm = 0.0
-        self.broke = False
+        self.broke = 0  # columns of next blocks replaced after a breakdown
+        self.plain = True  # single vector, no restart, no breakdown: H[:m, :m] is the Lanczos matrix
+        self.vanished = False
         self.exhausted = False
-        self.f = self._fresh()
+        self.grow(block)
 
-    def _orthogonalise(self, w: Tensor, m: int) -> Tensor:
-        """Classical Gram–Schmidt against ``V[:m]``, twice; returns the coefficients."""
-        Vm = self.V[:m]
-        h = Vm @ w
-        w -= Vm.T @ h
-        h2 = Vm @ w
-        w -= Vm.T @ h2
-        return h + h2
+    @property
+    def b(self) -> int:
+        return self.F.shape[0]
+
+    def _orthogonalise(self, w: Tensor, rows: Tensor) -> None:
+        """Classical Gram–Schmidt of ``w`` (``[n]`` or ``[n, c]``) against ``rows``, twice."""
+        if rows.shape[0] == 0:
+            return
+        w -= rows.T @ (rows @ w)
+        w -= rows.T @ (rows @ w)
 
     def _fresh(self) -> Tensor | None:
-        """A Gaussian unit vector orthogonal to ``V[:m]``, or ``None`` if none is left."""
+        """A Gaussian unit vector orthogonal to ``V[:m]`` and ``F``, or ``None`` if none is left."""
+        if self.m + self.b >= self.n:
+            return None
         v = probes(self.n, 1, generator=self.generator, dtype=self.A.dtype, device=self.A.device,
                    distribution="normal").squeeze(1)
         scale = float(torch.linalg.vector_norm(v))
-        if self.m:
-            self._orthogonalise(v, self.m)
+        for rows in (self.V[: self.m], self.F):
+            self._orthogonalise(v, rows)
         norm = float(torch.linalg.vector_norm(v))
         if norm <= math.sqrt(self.eps) * scale:
             return None
         return v / norm
 
-    def step(self) -> None:
-        """One product: extend ``H`` by a column and compute the next vector."""
-        m = self.m
-        if m == self.V.shape[0]:
-            grown = torch.zeros(min(self.ncv, 2 * m), self.n, dtype=self.V.dtype, device=self.V.device)
-            grown[:m] = self.V
+    def grow(self, count: int) -> int:
+        """Add up to ``count`` fresh random vectors to the next block; returns how many were added."""
+        added = 0
+        for _ in range(count):
+            f = self._fresh()
+            if f is None:
+                break
+            self.F = torch.cat([self.F, f.unsqueeze(0)])
+            self.R = torch.cat([self.R, torch.zeros(1, self.m, dtype=torch.float64)])
+            added += 1
+        if added and self.m:
+            self.plain = False
+        if self.b == 0:
+            self.exhausted = True
+        return added
+
+    def floor(self, theta: Tensor | None = None) -> float:
+        """The arithmetic floor assumed while iterating: ``FLOOR_EPS · eps · ||A||`` (the rounding
+        of one product of a dense matrix; a network's products can be worse along their top
+        curvature directions, which the final check of :func:`_verify` measures)."""
+        anorm = max(self.anorm, float(theta.abs().max()) if theta is not None and theta.numel() else 0.0)
+        return FLOOR_EPS * self.eps * anorm
+
+    def predicted(self, coeffs: Tensor) -> Tensor:
+        """``A V[:m]ᵀ coeffs`` as the Lanczos relation gives it, ``V H c + F R c`` (``[n, k]``)."""
+        c = coeffs.to(torch.float64)
+        out = self.V[: self.m].T @ (self.H[: self.m, : self.m] @ c).to(device=self.V.device, dtype=self.V.dtype)
+        if self.b:
+            out += self.F.T @ (self.R @ c).to(device=self.V.device, dtype=self.V.dtype)
+        return out
+
+    def step(self) -> int:
+        """One block of products: extend ``H`` by ``b`` columns and compute the next block.
+
+        Returns the products done."""
+        m, b = self.m, self.b
+        need = m + b
+        if need > self.V.shape[0]:
+            grown = torch.zeros(min(self.ncv, max(2 * self.V.shape[0], need)), self.n, dtype=self.V.dtype,
+                                device=self.V.device)
+            grown[:m] = self.V[:m]
             self.V = grown
-        self.V[m] = self.f
-        w = self.A.matmat(self.V[m].unsqueeze(1)).squeeze(1).to(self.A.dtype)
-        h = self._orthogonalise(w, m + 1)
-        beta = torch.linalg.vector_norm(w)
-        host = torch.cat([h, beta.reshape(1)]).to(torch.float64).cpu()  # one sync per product
-        col, beta_val = host[: m + 1].clone(), float(host[m + 1])
-        col[: self.start] = 0.0  # coupling to the locked invariant subspace is rounding noise
-        self.H[: m + 1, m] = col
-        self.H[m, : m + 1] = col
-        self.anorm = max(self.anorm, float(torch.linalg.vector_norm(host)))
-        self.m = m + 1
-        self.exhausted = self.m >= self.n
-        self.broke = self.exhausted or beta_val <= breakdown_tol(self.A.dtype) * self.anorm
-        self.beta = beta_val
-        if self.broke:
-            self.f = None
-            logger.debug("Lanczos: invariant subspace of dimension %d after product %d", self.m - self.start, self.m)
-        else:
-            self.f = w / beta
+        self.V[m:need] = self.F
+        W = self.A.matmat(self.F.T).to(self.A.dtype)  # [n, b]
+        Vm = self.V[:need]
+        h1 = Vm @ W
+        W -= Vm.T @ h1
+        h2 = Vm @ W
+        W -= Vm.T @ h2
+        norms = torch.linalg.vector_norm(W, dim=0)
+        host = torch.cat([(h1 + h2).reshape(-1), norms]).to(torch.float64).cpu()  # one sync per block
+        C = host[: need * b].reshape(need, b)
+        self.H[:need, m:need] = C
+        self.H[m:need, :m] = C[:m].T
+        diag = C[m:need]
+        self.H[m:need, m:need] = (diag + diag.T) / 2
+        self.anorm = max(self.anorm, float(torch.linalg.vector_norm(C, dim=0).max()))
+        self.nblk += 1
+        self.m = need
+
+        # the next block: orthonormalise the remainders column by column; a column at the
+        # level of rounding noise is dropped (its coupling counted) and replaced
+        tiny = max(breakdown_tol(self.A.dtype) * self.anorm, self.floor())
+        Q = torch.zeros(b, self.n, dtype=self.A.dtype, device=self.A.device)
+        B = torch.zeros(b, b, dtype=torch.float64)
+        nq = 0
+        for j in range(b):
+            w = W[:, j]
+            if nq:
+                c1 = Q[:nq] @ w
+                w -= Q[:nq].T @ c1
+                c2 = Q[:nq] @ w
+                w -= Q[:nq].T @ c2
+                B[:nq, j] = (c1 + c2).to(torch.float64).cpu()
+                beta = float(torch.linalg.vector_norm(w))
+            else:
+                beta = float(host[need * b + j])
+            if beta <= tiny:
+                self.dropped2 += beta * beta
+                self.broke += 1
+                logger.debug("Lanczos: block column %d vanished (β = %.3g) after %d basis vectors", j, beta, need)
+                continue
+            if beta < 1e-2 * float(torch.linalg.vector_norm(C[:, j])):  # lost digits: once more
+                w -= Vm.T @ (Vm @ w)
+                if nq:
+                    w -= Q[:nq].T @ (Q[:nq] @ w)
+            Q[nq] = w / torch.linalg.vector_norm(w)
+            B[nq, j] = beta
+            nq += 1
+        self.vanished = nq == 0  # the space reached from the block is invariant: all of it is seen
+        self.F = Q[:nq].clone()
+        self.R = torch.zeros(nq, need, dtype=torch.float64)
+        self.R[:, m:need] = B[:nq]
+        if nq < b:
+            self.plain = False
+            self.grow(b - nq)
+        if self.m >= self.n:
+            self.exhausted = True
+        return b
 
     def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Ritz values ``[m]``, coefficient matrix ``[m, m]`` and residual estimates ``[m]``.
-
-        The locked block ``[:start]`` and the active block are decomposed separately; locked
-        pairs have residual at most ``dropped``, active pairs ``|β s_last|``.
-        """
-        m, s = self.m, self.start
-        theta_l, S_l = torch.linalg.eigh(self.H[:s, :s])
-        theta_a, S_a = torch.linalg.eigh(self.H[s:m, s:m])
-        S = torch.zeros(m, m, dtype=torch.float64)
-        S[:s, :s] = S_l
-        S[s:, s:] = S_a
-        res = torch.full((m,), self.dropped, dtype=torch.float64)
-        if m > s:
-            res[s:] = (self.beta * S_a[-1]).abs()
-        return torch.cat([theta_l, theta_a]), S, res
-
-    def converged(self, theta: Tensor, res: Tensor, threshold: Tensor) -> Tensor:
-        """Per Ritz pair: eigenvalue error bound (:func:`error_bounds`) within threshold, or
-        inside an invariant subspace."""
-        ok = error_bounds(theta, res) <= threshold
-        ok[: self.m if self.broke else self.start] = True
-        return ok
-
-    def new_block(self) -> None:
-        """After an invariant subspace: lock it and continue from a fresh orthogonal vector."""
-        self.start = self.m
-        self.dropped, self.beta = max(self.dropped, self.beta), 0.0
-        self.f = self._fresh()
-        if self.f is None:
-            self.exhausted = True
+        """Ritz values ``[m]``, coefficient matrix ``[m, m]`` and residual estimates ``[m]``
+        (``||R s||`` plus the dropped couplings)."""
+        theta, S = torch.linalg.eigh(self.H[: self.m, : self.m])
+        if self.b:
+            res = torch.linalg.vector_norm(self.R @ S, dim=0)
+        else:
+            res = torch.zeros(self.m, dtype=torch.float64)
+        return theta, S, res + math.sqrt(self.dropped2)
 
     def vectors(self, coeffs: Tensor) -> Tensor:
         """Ritz vectors ``V[:m]ᵀ coeffs`` as ``[n, k]``."""
@@ -242,52 +351,23 @@ class _Lanczos:
 
     def restart(self, keep: list[int], theta: Tensor, S: Tensor) -> None:
         """Thick restart: rotate the kept Ritz vectors into ``V[:l]`` in place, then continue."""
-        if self.broke:  # everything found so far is invariant
-            order, n_locked = keep, len(keep)
-        else:
-            locked = [i for i in keep if i < self.start]
-            order, n_locked = locked + [i for i in keep if i >= self.start], len(locked)
-        m, l = self.m, len(order)
-        C = S[:, order].to(device=self.V.device, dtype=self.V.dtype)
+        m, l = self.m, len(keep)
+        C = S[:, keep].to(device=self.V.device, dtype=self.V.dtype)
         chunk = max(1, _RESTART_CHUNK // m)
         for c in range(0, self.n, chunk):
             self.V[:l, c:c + chunk] = C.T @ self.V[:m, c:c + chunk]
         self.H.zero_()
-        self.H[:l, :l] = torch.diag(theta[order])
-        self.m, self.start = l, n_locked
-        logger.debug("Lanczos: thick restart keeping %d Ritz vectors (%d locked)", l, n_locked)
-
-
-def _threshold(theta: Tensor, tol: float, eps: float) -> Tensor:
-    """Residual threshold ``tol · max(|θ_i|, sqrt(eps) · max_j |θ_j|)`` per Ritz value."""
-    return tol * torch.clamp(theta.abs(), min=math.sqrt(eps) * float(theta.abs().max()))
+        self.H[:l, :l] = torch.diag(theta[keep])
+        self.R = self.R @ S[:, keep]
+        self.m = l
+        self.plain = False
+        logger.debug("Lanczos: thick restart keeping %d Ritz vectors", l)
 
 
 def _ends(theta: Tensor, n_top: int, n_bottom: int) -> tuple[list[int], list[int]]:
     """Indices of the ``n_top`` largest (descending) and ``n_bottom`` smallest (ascending) values."""
     order = torch.argsort(theta).tolist()
     return order[::-1][:n_top], order[:n_bottom]
-
-
-def _more_copies(theta: Tensor, threshold: Tensor, start: int, top: list[int], bottom: list[int]) -> bool:
-    """Whether the complement of a just-completed invariant block may hold wanted values.
-
-    A Krylov block from a random vector in an invariant subspace ``C`` reaches every
-    distinct eigenvalue of ``A`` on ``C`` once, so the block's largest Ritz value is the
-    largest eigenvalue of ``A`` on ``C`` and the complement of the block holds nothing
-    larger. Another copy can only change the wanted values if the block's extreme lies
-    strictly beyond the ``k``-th wanted value (a tie adds a copy of a value already there).
-    """
-    block = theta[start:]
-    if top:
-        hi, kth = float(block.max()), top[-1]
-        if hi > float(theta[kth]) + float(threshold[kth]):
-            return True
-    if bottom:
-        lo, kth = float(block.min()), bottom[-1]
-        if lo < float(theta[kth]) - float(threshold[kth]):
-            return True
-    return False
 
 
 def _keep(theta: Tensor, n_top: int, n_bottom: int, l: int) -> list[int]:
@@ -301,6 +381,31 @@ def _keep(theta: Tensor, n_top: int, n_bottom: int, l: int) -> list[int]:
     extra = l - n_top - n_bottom
     more_bottom = extra * n_bottom // (n_top + n_bottom)
     return order[::-1][: l - n_bottom - more_bottom] + order[: n_bottom + more_bottom]
+
+
+def _suspects(theta: Tensor, bound: Tensor, ends: tuple[list[int], list[int]], block: int,
+              slack: Tensor, settled: Tensor) -> list[float | None]:
+    """Per end: the value of the outermost wanted cluster that lies strictly beyond the ``k``-th
+    wanted value and shows at least ``block`` copies (so it may have more, unseen ones), or ``None``.
+
+    A copy is a settled Ritz value (``settled``) within the two error bounds plus ``slack`` (the
+    tolerance) of it. More copies of the ``k``-th value itself would not change the wanted values
+    (a tie).
+    """
+    out: list[float | None] = []
+    for idx, sign in ((ends[0], 1.0), (ends[1], -1.0)):
+        found = None
+        if idx:
+            kth = idx[-1]
+            for i in idx:
+                near = (theta - theta[i]).abs() <= bound + bound[i] + slack[i]
+                if bool(near[kth]):
+                    break  # tied with the k-th value, and so is every later one
+                if int((near & settled).sum()) >= block:
+                    found = float(theta[i])
+                    break
+        out.append(found)
+    return out
 
 
 @dataclass(frozen=True)
@@ -335,27 +440,15 @@ def lanczos_eigs(
 ) -> EigsResult:
     """Compute ``k`` eigenvalues at one or both ends of the spectrum of a symmetric ``A``.
 
-    Ritz pair ``i`` has converged when the error bound of its eigenvalue,
-    ``min(r_i, r_i² / gap_i)`` (:func:`error_bounds`; ``r_i = ||A y_i - θ_i y_i||``, the estimate
-    ``|β_m s_{m,i}|``, exact under full reorthogonalisation), is at most
-    ``tol · max(|θ_i|, sqrt(eps) · max_j |θ_j|)``: relative to the eigenvalue, with an absolute
-    floor for eigenvalues near zero (``eps`` of ``A.dtype``). The gap term is what lets a
-    small eigenvalue next to a dense cluster (the negative end of a Hessian) stop once its
-    value is accurate, instead of running until a float32 residual reaches ``tol · |θ|``,
-    which it may never do; the residuals themselves are reported. The test is cheap (an
-    eigendecomposition of the small projected matrix, next to a product that passes over a
-    dataset), so it runs after every product and the iteration stops as soon as every
-    wanted pair has converged.
-
-    When the Krylov space becomes invariant (``β <= eps^(2/3) · ||A||``, see
-    :func:`breakdown_tol`), its Ritz pairs are locked as converged (their residual is then
-    bounded by the dropped coupling) and the iteration continues in the complement from a
-    fresh random vector, until that block's extreme Ritz values have converged too and can
-    no longer change the wanted values. This finds the copies of a repeated eigenvalue when
-    the spectrum has few distinct values (an exhausted Krylov space). A single-vector
-    method cannot see a second copy of an eigenvalue before its Krylov space is exhausted,
-    so in a spectrum with many distinct values an exactly repeated eigenvalue may be
-    reported fewer times; clusters of distinct values are resolved.
+    Block Lanczos with full reorthogonalisation and thick restart; see the module docstring
+    for how blocks find repeated eigenvalues and how the flags are made. Each reported value
+    comes with an error bound that holds in the arithmetic used, ``min(r, δ + r²/gap)`` with the
+    residual ``r`` and the measured arithmetic floor ``δ`` (:func:`floor_bounds`), and is flagged
+    converged when that bound is at most ``tol·|θ|``, or, for a value within its bound of zero,
+    at most ``2δ`` (``at_floor``). The iteration stops as soon as every wanted value has
+    converged or reached the floor (more products could not improve it), and, where a wanted
+    value showed as many copies as the block has vectors, after a block grown by one fresh
+    vector has had as many steps as the values took to converge.
 
     Args:
         A: Symmetric operator (``size``, ``dtype``, ``device``, ``matmat``).
@@ -363,20 +456,15 @@ def lanczos_eigs(
         which: ``"largest"`` (algebraic), ``"smallest"`` (algebraic, i.e. most negative) or
             ``"both"``.
         tol: Relative tolerance on each eigenvalue's error bound. Default
-            :func:`default_tol`: ``1e-6`` for float32 operators (near what a float32 product
-            resolves), ``1e-10`` for float64.
-        max_iter: Product budget. Default ``max(200, 20 · k_total)`` (:data:`DEFAULT_MAX_ITER`;
-            the run stops earlier as soon as the wanted values converge), or ``size`` when the
-            whole space fits in ``ncv`` vectors (the result is then exact).
-        generator: Seeded CPU generator (Gaussian start vector, and fresh vectors after an
-            invariant subspace).
+            :func:`default_tol`: ``1e-6`` for float32 operators, ``1e-10`` for float64.
+        max_iter: Product budget. Default ``max(200, 20 · k_total)`` (:data:`DEFAULT_MAX_ITER`),
+            or ``size`` when the whole space fits in ``ncv`` vectors (the result is then exact).
+        generator: Seeded CPU generator (Gaussian start block, fresh vectors).
         ncv: Most basis vectors held (memory bound). Default :func:`default_ncv`: up to 100
-            vectors within 2 GiB, never fewer than ``max(2 · k_total + 20, 40)`` (ARPACK's
-            advice of ``ncv >= 2k`` plus room for the iteration to progress between
-            restarts), capped at ``size``; ``k_total`` is ``2k`` for ``"both"``. The basis is
-            allocated as it grows, so a run that converges in a few products holds a few
-            vectors. At least ``k_total + 2``. A restart keeps ``k_total + (ncv - k_total) // 2`` Ritz
-            vectors (at most ``ncv - 2``).
+            vectors within 2 GiB, never fewer than ``max(2 · k_total + 20, 40)``, capped at
+            ``size``; ``k_total`` is ``2k`` for ``"both"``. The basis is allocated as it grows.
+            At least ``k_total + 2``; raised to ``k_total + 2·(b + 2) + 2`` for a start block of ``b`` vectors
+            (room for the block to grow by two).
         return_vectors: Also return the unit Ritz vectors.
         k_smallest: With ``which="both"``, how many of the smallest to compute (default ``k``):
             one run then serves, e.g., the top 10 and ``λ_min`` together.
@@ -384,10 +472,11 @@ def lanczos_eigs(
     Returns:
         :class:`EigsResult`: largest first for ``"largest"``, smallest first for
         ``"smallest"``, and for ``"both"`` the ``k`` largest (largest first) followed by the
-        ``k`` smallest (smallest first). ``n_iter`` and ``n_hvp`` are the products used;
-        ``eigenvectors`` is ``[size, entries]`` when ``return_vectors``. Pairs that miss the
-        tolerance within ``max_iter`` have ``converged=False`` and a
-        :class:`ConvergenceWarning` is issued.
+        ``k`` smallest (smallest first), with ``residuals`` (estimates of ``||A y - θ y||``
+        including the floor), ``error_bounds``, ``converged`` and ``at_floor``. ``n_iter`` and
+        ``n_hvp`` are the products used; ``eigenvectors`` is ``[size, entries]`` when
+        ``return_vectors``. A :class:`ConvergenceWarning` says which values missed the
+        tolerance and why (budget, arithmetic floor, unresolved multiplicity).
 
     Raises:
         InputError: For an unknown ``which``, ``k`` outside ``1..size``, a non-positive
@@ -416,11 +505,16 @@ def lanczos_run(
     return_vectors: bool = False,
     k_smallest: int | None = None,
     keep_tridiagonal: int = 0,
+    block: int | None = None,
 ) -> LanczosRun:
     """:func:`lanczos_eigs`, also returning the Lanczos matrix of the first ``keep_tridiagonal``
-    steps (see :class:`LanczosRun`), so that one run can serve a spectral density too. When the
-    wanted values converge sooner, the run goes on to ``keep_tridiagonal`` steps (if that fits
-    in ``ncv`` and ``max_iter``): those steps would be spent by the density run anyway.
+    steps (see :class:`LanczosRun`), so that one run can serve a spectral density too: those
+    steps are taken with a single vector, and the block grows afterwards. When the wanted
+    values converge sooner, the run goes on to ``keep_tridiagonal`` steps (if that fits in
+    ``ncv`` and ``max_iter``): those steps would be spent by the density run anyway.
+
+    ``block`` sets the start block size (default :data:`BLOCK` when an end wants two or more
+    values, else 1: a single extreme value is not changed by a copy of itself).
 
     Raises:
         InputError: As :func:`lanczos_eigs`, and for ``k_smallest`` without ``which="both"``.
@@ -454,70 +548,252 @@ def lanczos_run(
         raise InputError(
             f"max_iter={max_iter}: fewer products than the {k_total} wanted eigenvalues; use max_iter >= {k_total}"
         )
-    n_keep = min(ncv - 2, k_total + (ncv - k_total) // 2)
+    if block is None:
+        block = BLOCK if max(n_top, n_bottom) >= 2 else 1
+    if ncv < n:  # room for the block next to the kept Ritz vectors at a restart
+        ncv = min(n, max(ncv, k_total + 2 * (block + 2) + 2))
+    max_block = max(1, (ncv - k_total - 2) // 2) if ncv < n else n
+    start_block = 1 if keep_tridiagonal else max(1, min(block, max_block))
 
     before = A.n_matvecs
-    lz = _Lanczos(A, generator, ncv)
+    lz = _BlockLanczos(A, generator, ncv, start_block)
     used = 0
     tridiagonal: tuple[Tensor, Tensor] | None = None
-    plain = True  # no restart and no invariant subspace yet: H[:m, :m] is the Lanczos matrix T_m
-    while True:
-        lz.step()
-        used += 1
-        if plain and keep_tridiagonal and lz.m == keep_tridiagonal and not lz.broke:
+    settled_at: int | None = None  # block steps when every wanted value first settled
+    grown_at = 0  # block step at which the running check for further copies began
+    check: list[float] | None = None  # the wanted values when that check began
+    resolved = False  # a check found no further copy
+    pending = bool(keep_tridiagonal) and block > 1  # grow once the density's steps are taken
+    history = _History(n_top, n_bottom)
+    state: _State | None = None
+    while not lz.exhausted and used + lz.b <= max_iter:
+        if lz.m + lz.b > ncv:
+            theta, S, _ = lz.ritz()
+            l = max(k_total, min(ncv - lz.b - 1, k_total + (ncv - k_total) // 2))
+            lz.restart(_keep(theta, n_top, n_bottom, l), theta, S)
+        used += lz.step()
+        state = None
+        if lz.vanished:
+            grown_at = -lz.nblk  # what the block can reach is all seen: a running check is complete
+        if lz.plain and keep_tridiagonal and lz.m == keep_tridiagonal:
             T = lz.H[:lz.m, :lz.m]
             tridiagonal = (T.diagonal().clone(), T.diagonal(1).clone())
-        theta, S, res = lz.ritz()
-        threshold = _threshold(theta, tol, lz.eps)
-        ok = lz.converged(theta, res, threshold)
-        done = lz.exhausted
-        if not done and lz.m >= k_total:
-            top, bottom = _ends(theta, n_top, n_bottom)
-            done = bool(ok[top + bottom].all())
-            if done and lz.start > 0:  # the active block's extremes too
-                ends = _ends(theta[lz.start:], min(n_top, 1), min(n_bottom, 1))
-                done = bool(ok[[lz.start + i for i in ends[0] + ends[1]]].all())
-            if done and lz.broke:
-                done = not _more_copies(theta, threshold, lz.start, top, bottom)
-        if done and plain and tridiagonal is None and lz.m < keep_tridiagonal <= ncv and not lz.broke:
-            done = False  # a few more steps make the density's first run (and only sharpen these values)
-        if done or used >= max_iter:
-            break
-        if lz.m == ncv:
-            lz.restart(_keep(theta, n_top, n_bottom, n_keep), theta, S)
-            plain = False
-        if lz.broke:
-            plain = False
-            lz.new_block()
-            if lz.exhausted:
-                break
+        if pending and (tridiagonal is not None or not lz.plain or lz.m >= keep_tridiagonal):
+            pending = False
+            if lz.grow(min(block, max_block) - lz.b):
+                grown_at = lz.nblk
+        if lz.m < k_total or lz.exhausted:
+            continue
+        state = _assess(lz, history, n_top, n_bottom, tol)
+        if not bool(state.settled[state.idx].all()):
+            continue
+        if settled_at is None:
+            settled_at = lz.nblk
+        if lz.nblk < grown_at + settled_at:
+            continue  # the vectors added last have not had the steps the values needed
+        if check is not None:  # a check for further copies is complete
+            resolved = state.same_values(check, tol)
+            check = None
+        if not resolved and any(x is not None for x in state.suspects(lz.b, tol)):
+            # a wanted value shows as many copies as the block has vectors: look for more with
+            # one more fresh vector, or, where the block cannot grow, with the fresh vectors
+            # that replaced a vanished block
+            if (lz.b < max_block and lz.grow(1)) or lz.vanished:
+                check, grown_at = state.values(), lz.nblk
+                logger.debug("Lanczos: looking for further copies with a block of %d", lz.b)
+                continue
+        if pending or (lz.plain and tridiagonal is None and lz.m < keep_tridiagonal <= ncv
+                       and used + 1 <= max_iter):
+            continue  # a few more steps make the density's first run (and only sharpen these values)
+        break
 
-    theta, S, res = lz.ritz()
-    threshold = _threshold(theta, tol, lz.eps)
-    top, bottom = _ends(theta, n_top, n_bottom)
-    idx = top + bottom
-    converged = lz.converged(theta, res, threshold)[idx]
-    if not bool(converged.all()):
-        worst = float((error_bounds(theta, res)[idx] * tol / threshold[idx]).max())
-        warnings.warn(
-            f"Lanczos: {int(converged.sum())} of {len(idx)} eigenvalues converged within {used} products "
-            f"(worst relative error bound {worst:.3g} > tol={tol}); raise max_iter or loosen tol",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+    if state is None:
+        state = _assess(lz, history, n_top, n_bottom, tol)
+    if bool(state.settled[state.idx].any()) and lz.m < n:  # measure the floor along the values
+        state = _assess(lz, None, n_top, n_bottom, tol, trust=state.trust, measured=_verify(lz, state))
+        used += len(state.idx)
+    theta, bound, idx, top, bottom = state.theta, state.bound, state.idx, state.top, state.bottom
+    converged, limited = state.converged, state.settled & ~state.converged
+    # copies that may be missing: the values ranked after such a cluster are not certain
+    unresolved: list[float | None] = [None, None]
+    exact = lz.m >= n
+    if not exact and check is not None:  # the check for further copies did not finish
+        unresolved = [float(theta[top[0]]) if top else None, float(theta[bottom[0]]) if bottom else None]
+    elif not exact and not resolved and bool(state.settled[idx].all()):
+        unresolved = state.suspects(lz.b, tol)
+    rank_ok = torch.ones(lz.m, dtype=torch.bool)
+    for ids, value, sign in ((top, unresolved[0], 1.0), (bottom, unresolved[1], -1.0)):
+        if value is not None:
+            for i in ids:
+                if sign * (float(theta[i]) - value) < 0:
+                    rank_ok[i] = False
+    flags = converged & rank_ok
+    _warn(theta, bound, idx, flags, converged, limited, rank_ok, used, tol, state.delta, A.dtype)
     result = EigsResult(
         eigenvalues=tuple(float(x) for x in theta[idx]),
-        residuals=tuple(float(x) for x in res[idx]),
-        converged=tuple(bool(x) for x in converged),
+        residuals=tuple(float(x) for x in state.res[idx]),
+        converged=tuple(bool(x) for x in flags[idx]),
         which=("largest",) * len(top) + ("smallest",) * len(bottom),
         rank=tuple(range(1, len(top) + 1)) + tuple(range(1, len(bottom) + 1)),
         n_hvp=A.n_matvecs - before,
         n_iter=used,
-        eigenvectors=lz.vectors(S[:, idx]) if return_vectors else None,
+        eigenvectors=lz.vectors(state.S[:, idx]) if return_vectors else None,
+        error_bounds=tuple(float(x) for x in bound[idx]),
+        at_floor=tuple(bool(x) for x in state.at_floor[idx]),
+        floor=float(state.delta[idx].max()) if idx else None,
     )
     if tridiagonal is None:
         return LanczosRun(result)
     return LanczosRun(result, alphas=tridiagonal[0], betas=tridiagonal[1])
+
+
+class _History:
+    """The wanted Ritz values and their gap (Kato–Temple) bounds at the last checks, by position
+    from each end.
+
+    Extreme Ritz values move monotonically towards the eigenvalues as the basis grows (Cauchy
+    interlacing; a thick restart keeps the Ritz vectors it needs), so a valid gap bound at one
+    check also bounds the move to the next. A gap estimated from Ritz values is only trusted
+    for a position whose last :data:`TRUST_STEPS` moves stayed within the previous bounds: a
+    small basis that has not yet met the eigenvalues next to a Ritz value (a float32 bulk far
+    below an outlier, two products in) shows large moves and is bounded by its residual alone.
+    """
+
+    def __init__(self, n_top: int, n_bottom: int) -> None:
+        self.sizes = (n_top, n_bottom)
+        self.past: list[tuple[list[float], list[float]]] = []  # per check: values, gap bounds
+
+    def trusted(self, values: list[float], gap_bounds: list[float], delta: float) -> list[bool]:
+        ok = [len(self.past) >= TRUST_STEPS] * len(values)
+        now = (values, gap_bounds)
+        seq = self.past[-TRUST_STEPS:] + [now]
+        for (v0, b0), (v1, _) in zip(seq[:-1], seq[1:]):
+            for p in range(len(values)):
+                if p >= len(v0) or p >= len(v1) or abs(v1[p] - v0[p]) > b0[p] + delta:
+                    ok[p] = False
+        self.past = (self.past + [now])[-TRUST_STEPS:]
+        return ok
+
+
+TRUST_STEPS = 2
+"""Checks in a row whose moves a Ritz value's gap bound must have covered before it is used."""
+
+
+@dataclass
+class _State:
+    """The assessment of the wanted Ritz values after a block step."""
+
+    theta: Tensor
+    S: Tensor
+    res: Tensor  # residual estimates, floor included
+    bound: Tensor  # error bounds used for the flags
+    delta: float
+    top: list[int]
+    bottom: list[int]
+    converged: Tensor
+    settled: Tensor  # converged, or at the floor (more products cannot improve it)
+    at_floor: Tensor
+    trust: list[bool]
+
+    @property
+    def idx(self) -> list[int]:
+        return self.top + self.bottom
+
+    def values(self) -> list[float]:
+        return [float(self.theta[i]) for i in self.idx]
+
+    def same_values(self, before: list[float], tol: float) -> bool:
+        """Whether the wanted values equal ``before`` within their bounds and the tolerance."""
+        now = self.values()
+        if len(now) != len(before):
+            return False
+        return all(abs(a - b) <= float(self.bound[i]) + max(tol * abs(a), 2 * float(self.delta[i]))
+                   for a, b, i in zip(now, before, self.idx))
+
+    def suspects(self, block: int, tol: float) -> list[float | None]:
+        slack = torch.maximum(tol * self.theta.abs(), 2 * self.delta)
+        return _suspects(self.theta, self.bound, (self.top, self.bottom), block, slack, self.settled)
+
+
+def _assess(lz: _BlockLanczos, history: _History | None, n_top: int, n_bottom: int, tol: float, *,
+            trust: list[bool] | None = None, measured: tuple[Tensor, Tensor] | None = None) -> _State:
+    """Ritz values, error bounds and flags of the current basis (see the module docstring).
+
+    While iterating, the floor is :meth:`_BlockLanczos.floor` and a value counts as settled at
+    half its tolerance (the other half is left for the measured floor). ``measured`` holds, for
+    the wanted values, the product errors and the residuals measured by :func:`_verify`; the
+    bounds then use them and the tolerance itself.
+    """
+    theta, S, res = lz.ritz()
+    delta_run = lz.floor(theta)
+    top, bottom = _ends(theta, n_top, n_bottom)
+    idx = top + bottom
+    delta = torch.full_like(theta, delta_run)
+    share = 0.5
+    if measured is not None:
+        errors, true_res = measured
+        delta[idx] = torch.clamp(FLOOR_SAFETY * errors, min=delta_run)
+        res = res.clone()
+        res[idx] = torch.maximum(res[idx], true_res)
+        share = 1.0
+    plain = res
+    res = res + delta
+    gap = floor_bounds(theta, res, delta)
+    if trust is None:
+        assert history is not None
+        trust = history.trusted([float(theta[i]) for i in idx], [float(gap[i]) for i in idx], delta_run)
+    bound = gap.clone()
+    for i, ok in zip(idx, trust):
+        if not ok:
+            bound[i] = res[i]
+    at_floor = theta.abs() <= bound
+    converged = (bound <= share * tol * theta.abs()) | (at_floor & (bound <= 2 * delta))
+    settled = converged | (bound <= 2 * delta) | (plain <= delta)
+    return _State(theta, S, res, bound, delta, top, bottom, converged, settled, at_floor, trust)
+
+
+def _verify(lz: _BlockLanczos, state: _State) -> tuple[Tensor, Tensor]:
+    """Products of the wanted Ritz vectors, done afresh: per vector, the rounding error of a
+    product along it, ``||fl(A y) - (A y)_Lanczos||``, and its residual ``||fl(A y) - θ y||``.
+
+    The Lanczos relation predicts ``A y`` exactly in exact arithmetic; what a fresh product adds
+    is its own rounding error along ``y``, the quantity the floor must cover (a float32 product
+    along a network's top curvature direction can be off by 50-300 ``eps · ||A||``).
+    """
+    coeffs = state.S[:, state.idx]
+    Y = lz.vectors(coeffs)
+    AY = lz.A.matmat(Y).to(Y.dtype)
+    errors = torch.linalg.vector_norm(AY - lz.predicted(coeffs), dim=0).to(torch.float64).cpu()
+    theta = state.theta[state.idx].to(device=Y.device, dtype=Y.dtype)
+    true_res = torch.linalg.vector_norm(AY - Y * theta, dim=0).to(torch.float64).cpu()
+    return errors, true_res
+
+
+def _warn(theta: Tensor, bound: Tensor, idx: list[int], flags: Tensor, converged: Tensor, limited: Tensor,
+          rank_ok: Tensor, used: int, tol: float, delta: Tensor, dtype: torch.dtype) -> None:
+    """One :class:`ConvergenceWarning` naming why wanted values are not flagged converged."""
+    if bool(flags[idx].all()):
+        return
+    bad = [i for i in idx if not bool(flags[i])]
+    reasons = []
+    floor_hit = [i for i in bad if bool(limited[i])]
+    if floor_hit:
+        worst = max(floor_hit, key=lambda i: float(bound[i] / theta[i].abs().clamp(min=1e-300)))
+        name = str(dtype).replace("torch.", "")
+        reasons.append(
+            f"{len(floor_hit)} cannot be resolved to tol={tol} in {name} (e.g. {float(theta[worst]):.6g} "
+            f"± {float(bound[worst]):.2g}: products along it are exact only to about {float(delta[worst]):.2g}"
+            + ("; use --dtype float64" if torch.finfo(dtype).bits < 64 else "") + ")")
+    missing = [i for i in bad if bool(converged[i]) and not bool(rank_ok[i])]
+    if missing:
+        reasons.append(f"{len(missing)} may be displaced by further copies of a repeated eigenvalue")
+    budget = [i for i in bad if not bool(converged[i]) and not bool(limited[i])]
+    if budget:
+        worst = float((bound[budget] / (tol * theta[budget].abs()).clamp(min=1e-300)).max() * tol)
+        reasons.append(f"{len(budget)} missed tol={tol} within {used} products (worst relative error bound "
+                       f"{worst:.3g}); raise max_iter or loosen tol")
+    warnings.warn(f"Lanczos: {len(idx) - len(bad)} of {len(idx)} eigenvalues converged; " + "; ".join(reasons),
+                  ConvergenceWarning, stacklevel=3)
 
 
 def extremes(

@@ -71,11 +71,14 @@ class TraceResult:
 
 @dataclass(frozen=True)
 class EigsResult:
-    """Eigenvalues with residual norms ``||Hv - lambda v||`` and convergence flags.
+    """Eigenvalues with residual norms ``||Hv - lambda v||``, error bounds and convergence flags.
 
     Entries are ordered: largest first for ``which="largest"``, smallest first for
     ``"smallest"``; ``which`` says which end each entry belongs to and ``rank`` its
-    position from that end (1-based).
+    position from that end (1-based). ``error_bounds[i]`` bounds ``|λ - eigenvalues[i]|``
+    (empty when a backend cannot say); ``converged[i]`` means that bound is within the
+    relative tolerance, or, with ``at_floor[i]`` (the value cannot be told apart from zero),
+    within twice the arithmetic ``floor`` (the rounding error of one product).
     """
 
     eigenvalues: tuple[float, ...]
@@ -86,6 +89,9 @@ class EigsResult:
     n_hvp: int
     n_iter: int
     eigenvectors: torch.Tensor | None = None  # [n_params, k] when asked for
+    error_bounds: tuple[float, ...] = ()
+    at_floor: tuple[bool, ...] = ()
+    floor: float | None = None
 
 
 @dataclass(frozen=True)

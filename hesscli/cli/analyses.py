@@ -34,7 +34,7 @@ COMMON: dict[str, Any] = {
     "seed": o.SeedOpt,
     "out": o.OutOpt,
     "config": o.ConfigOpt,
-    "trust_pickle": o.TrustPickleOpt,
+    "trust_code": o.TrustCodeOpt,
     "json": o.JsonOpt,
     "quiet": o.QuietOpt,
     "debug": o.DebugOpt,
@@ -54,7 +54,7 @@ RunsOpt = Annotated[Optional[int], typer.Option("--runs", min=1, help="Independe
 SigmaOpt = Annotated[Optional[float], typer.Option("--sigma", min=0.0, help="Gaussian broadening of the density (default: from the spectrum's range).")]
 GridOpt = Annotated[Optional[int], typer.Option("--grid", min=10, help="Density grid points. Default 1000.")]
 HvpOpt = Annotated[Optional[str], typer.Option("--hvp", help="Native product path: auto (default) | func | autograd.")]
-CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (TorchScript, state_dict, safetensors, or pickled module with --trust-pickle).", show_default=False)]
+CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (state_dict or safetensors with --model; TorchScript or a pickled module with --trust-code).", show_default=False)]
 
 
 def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -85,7 +85,7 @@ def _import_file(path: Path, option: str, spec: str) -> Any:
     if folder not in sys.path:  # sibling imports (``from layers import Block``) keep working
         sys.path.insert(0, folder)
     sys.modules[name] = module
-    code_logger.info("%s %s: importing (running) %s", option, spec, resolved)
+    code_logger.info("%s %s: importing (running) %s", option, spec, resolved, extra={"option": option})
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
@@ -103,7 +103,8 @@ def _import_module(target: str, option: str, spec: str) -> Any:
     try:
         module = importlib.import_module(target)
         if not known:
-            code_logger.info("%s %s: importing (running) %s", option, spec, getattr(module, "__file__", None) or target)
+            code_logger.info("%s %s: importing (running) %s", option, spec,
+                             getattr(module, "__file__", None) or target, extra={"option": option})
         return module
     except ModuleNotFoundError as e:
         raise InputError(

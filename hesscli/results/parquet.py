@@ -39,11 +39,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from hesscli.errors import InputError
-from hesscli.results.fileops import fault_point, owner_is_dead, owner_record, path_text, read_owner
+from hesscli.results.fileops import check_destination, fault_point, owner_is_dead, owner_record, path_text, read_owner
 from hesscli.results.records import Outcome
 from hesscli.results.tables import ANALYSIS_TABLES, TABLES, collect_rows, empty_frame, table_to_frame
 
-__all__ = ["write_outcomes", "read_table", "read_parts", "part_files", "recover", "check_schemas", "JOURNAL"]
+__all__ = ["write_outcomes", "read_table", "read_parts", "part_files", "prepare_out", "recover", "check_schemas",
+           "JOURNAL"]
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +231,29 @@ def recover(out: Path, *, stale_after: float = STALE_AFTER) -> list[str]:
         entry.unlink(missing_ok=True)
     for line in done:
         logger.info("%s: %s", path_text(out), line)
+    return done
+
+
+def prepare_out(out: Path) -> list[str]:
+    """Make ``out`` ready before any work: writable, interrupted writes settled, tables readable.
+
+    Args:
+        out: the results directory (``--out``).
+
+    Returns:
+        One line per interrupted transaction finished or undone (see :func:`recover`).
+
+    Raises:
+        InputError: ``out`` is a file, not writable or full, or a part file's column types
+            differ from its table's (the message names the file to move away).
+    """
+    check_destination(Path(out))
+    try:
+        done = recover(Path(out))
+    except OSError as e:
+        raise InputError(f"--out {path_text(out)}: cannot finish an interrupted write ({e.strerror or e}); "
+                         f"choose a writable directory with --out") from e
+    check_schemas(Path(out))
     return done
 
 

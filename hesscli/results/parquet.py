@@ -133,35 +133,26 @@ def write_outcomes(out: Path, outcomes: Sequence[Outcome]) -> list[Path]:
     prepare, commit = journal / f"{txid}.prepare", journal / f"{txid}.commit"
     tmps: dict[str, Path] = {}
     committed = False
-    current = "the journal"
+    current = f"the {next(iter(tables))} table"
     try:
         fault_point("journal prepare")
-        journal.mkdir(parents=True, exist_ok=True)
-        with open(prepare, "x") as fh:
-            fh.write(json.dumps(owner_record()))
-            fh.flush()
-            os.fsync(fh.fileno())
+        _create_entry(journal, prepare)
         for name, table in tables.items():
             current = f"the {name} table"
             tmps[name] = _write_tmp(out / name, txid, table)
-        current = "the journal"
         fault_point("journal commit")
-        os.replace(prepare, commit)
+        os.rename(prepare, commit)  # the commit point
         _fsync_dir(journal)
         committed = True
     except OSError as e:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-        prepare.unlink(missing_ok=True)
+        _discard(tmps.values(), prepare)
         raise InputError(
             f"--out {path_text(out)}: cannot write {current} ({e.strerror or e}"
             f"{f': {path_text(e.filename)}' if e.filename else ''}); choose a writable directory with --out"
         ) from e
     except BaseException:
         if not committed:
-            for tmp in tmps.values():
-                tmp.unlink(missing_ok=True)
-            prepare.unlink(missing_ok=True)
+            _discard(tmps.values(), prepare)
         raise
     # Committed: the rows are stored. Renaming them into place is finished by ``recover``
     # if this process stops here.
@@ -170,9 +161,42 @@ def write_outcomes(out: Path, outcomes: Sequence[Outcome]) -> list[Path]:
         _fsync_dir(folder)
     fault_point("journal done")
     commit.unlink(missing_ok=True)
+    _remove_if_empty(journal)
     for path in written:
         logger.debug("wrote %s", path)
     return written
+
+
+def _create_entry(journal: Path, entry: Path) -> None:
+    """Create a journal entry naming this process (the folder may be removed by another writer
+    between ``mkdir`` and ``open``: then try again)."""
+    for attempt in range(5):
+        journal.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(entry, "x") as fh:
+                fh.write(json.dumps(owner_record()))
+                fh.flush()
+                os.fsync(fh.fileno())
+            return
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+
+
+def _discard(tmps, entry: Path) -> None:  # noqa: ANN001
+    """Best-effort removal of an unfinished transaction's hidden parts and journal entry."""
+    for path in (*tmps, entry):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (another writer) or already gone
+        pass
 
 
 def _publish(folder: Path, txid: str) -> Path:
@@ -229,6 +253,7 @@ def recover(out: Path, *, stale_after: float = STALE_AFTER) -> list[str]:
             done.append(f"discarded the unfinished rows of an interrupted run ({txid})")
         fault_point("journal cleanup")
         entry.unlink(missing_ok=True)
+    _remove_if_empty(journal)
     for line in done:
         logger.info("%s: %s", path_text(out), line)
     return done

@@ -42,6 +42,7 @@ MIN_FREE_BYTES = 1 << 20
 """Free space ``--out`` must have before a run starts (tables of one run take kilobytes)."""
 
 _ops = 0
+_spec: str | None = None
 
 
 def fault_point(what: str = "") -> None:
@@ -53,10 +54,12 @@ def fault_point(what: str = "") -> None:
     Raises:
         OSError: ``ENOSPC`` when ``HESSCLI_FAULT_AT=N:enospc`` names this operation.
     """
-    global _ops
+    global _ops, _spec
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
+    if spec != _spec:  # a new setting counts from zero
+        _spec, _ops = spec, 0
     _ops += 1
     at, _, mode = spec.partition(":")
     try:
@@ -65,7 +68,7 @@ def fault_point(what: str = "") -> None:
         return
     if _ops == target:
         if mode == "enospc":
-            raise OSError(errno.ENOSPC, "No space left on device", what or None)
+            raise OSError(errno.ENOSPC, "No space left on device")
         os._exit(FAULT_EXIT_CODE)
 
 

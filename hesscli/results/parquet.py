@@ -146,6 +146,7 @@ def write_outcomes(out: Path, outcomes: Sequence[Outcome]) -> list[Path]:
         committed = True
     except OSError as e:
         _discard(tmps.values(), prepare)
+        _remove_if_empty(journal)
         raise InputError(
             f"--out {path_text(out)}: cannot write {current} ({e.strerror or e}"
             f"{f': {path_text(e.filename)}' if e.filename else ''}); choose a writable directory with --out"
@@ -298,6 +299,17 @@ def part_files(out: Path, name: str) -> list[Path]:
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
 
 
+def _normal_type(t: pa.DataType) -> pa.DataType:
+    """Arrow types that read as the same pandas column (string vs large_string, dictionary-encoded)."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t):
+        return pa.string()
+    if pa.types.is_large_binary(t):
+        return pa.binary()
+    return t
+
+
 def _check_part_schema(path: Path, name: str) -> None:
     expected = TABLES[name]
     try:
@@ -312,7 +324,7 @@ def _check_part_schema(path: Path, name: str) -> None:
         if index < 0:
             continue
         want = expected.field(index).type
-        if not field.type.equals(want):
+        if not _normal_type(field.type).equals(_normal_type(want)):
             raise InputError(
                 f"{path_text(path)}: column {field.name!r} is {field.type}, but the {name} table stores {want}; "
                 f"move this part file out of {path_text(path.parent)} (pandas cannot read the table while it is there)"

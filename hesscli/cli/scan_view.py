@@ -93,7 +93,7 @@ def run_scan_command(target: str, settings: Settings) -> int:
         err_console().print(f"[dim]tables written under {settings.out}/[/dim]")
     if report.failures:
         failed = sorted({o.run.checkpoint for o in report.failures})
-        err_console().print(f"[red]error:[/red] {len(failed)} checkpoint(s) failed: {', '.join(failed)} "
-                            f"(details in {settings.out}/runs, column 'error')")
+        typer.echo(f"error: {len(failed)} checkpoint(s) failed: {', '.join(failed)} "  # one line, never wrapped
+                   f"(details in {path_text(settings.out)}/runs, column 'error')", err=True)
         return 1
     return 0

@@ -87,6 +87,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     import warnings
 
     click_error, no_args_help, abort = _click_exceptions()
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 must never stop the output
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", "strict") == "strict":
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # pragma: no cover - a stream that cannot change
+                pass
     previous_showwarning = warnings.showwarning
     if not debug:
         warnings.showwarning = _show_warning

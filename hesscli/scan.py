@@ -285,9 +285,9 @@ class _Done:
         Raises:
             InputError: a part file is unreadable or its column types differ from the table's.
         """
-        from hesscli.results.parquet import read_parts
+        from hesscli.results.parquet import part_files, read_parts
 
-        new = [p for p in _runs_parts(self.out) if p not in self._seen]
+        new = [p for p in part_files(self.out, "runs") if p not in self._seen]
         if new:
             runs = read_parts(self.out, "runs", new)
             self._seen.update(new)
@@ -295,12 +295,6 @@ class _Done:
                 ok = runs[runs["status"] == "ok"]
                 self.keys |= set(zip(ok["checkpoint_sha256"], ok["analysis"], ok["options"]))
         return self.keys
-
-
-def _runs_parts(out: Path) -> list[Path]:
-    from hesscli.results.parquet import part_files
-
-    return part_files(out, "runs")
 
 
 def completed_runs(out: Path) -> set[tuple[str, str, str]]:

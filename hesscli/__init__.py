@@ -16,6 +16,7 @@ from hesscli.errors import (  # noqa: E402
     ConvergenceWarning,
     HesscliError,
     InputError,
+    ResultsNotSaved,
     UnsupportedAnalysis,
 )
 
@@ -75,5 +76,6 @@ __all__ = [
     "AnalysisError",
     "BackendUnavailable",
     "UnsupportedAnalysis",
+    "ResultsNotSaved",
     "ConvergenceWarning",
 ]

@@ -34,7 +34,8 @@ class Settings:
     loss: str = "cross_entropy"
     batch_size: int = 512
     max_samples: int | None = None
-    trust_pickle: bool = False
+    trust_code: bool = False  # --trust-code: whole pickles and TorchScript archives may be loaded
+    trust_pickle: bool = False  # older name of trust_code; the two always hold the same value
     # curvature
     curvature: str = "hessian"  # hessian | ggn
     params: tuple[str, ...] = ()
@@ -69,6 +70,11 @@ class Settings:
     resume: bool = True
     shard: str | None = None  # "I/N"
 
+    def __post_init__(self) -> None:
+        trust = bool(self.trust_code or self.trust_pickle)
+        object.__setattr__(self, "trust_code", trust)
+        object.__setattr__(self, "trust_pickle", trust)
+
 
 # --------------------------------------------------------------------------------------
 # Resolution: defaults < hesscli.toml (top level, then the command's table) < CLI flags.
@@ -93,7 +99,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE: tuple[str, ...] = ("batch_size", "max_samples", "probes", "top_k", "max_iter", "iters", "runs", "grid")
 """Integer options that must be >= 1."""
 
-_ALIASES = {"model_arg": "model_args", "param": "params", "analysis": "analyses"}
+_ALIASES = {"model_arg": "model_args", "param": "params", "analysis": "analyses", "trust_pickle": "trust_code"}
+
+TRUST_KEYS: tuple[str, ...] = ("trust_code",)
+"""Settings that allow running code from the inputs: taken from the command line or from a
+config file named with ``--config``, never from a ``hesscli.toml`` found implicitly."""
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
@@ -279,11 +289,15 @@ def resolve(
     cli_values: Mapping[str, object] | None = None,
     config_file: Path | str | None = None,
     command: str | None = None,
+    *,
+    ignored: list[str] | None = None,
 ) -> Settings:
     """Build the frozen :class:`Settings` for one command.
 
     Precedence, lowest to highest: built-in defaults, the top level of the config file,
-    the config file's ``[command]`` table, then the flags the user actually gave
+    the config file's ``[command]`` table, then the flags the user actually gave. Trust
+    (``trust-code``) is read from a config file only when it was named with ``--config``:
+    a ``hesscli.toml`` picked up from the working folder cannot switch it on
     (``None`` values in ``cli_values`` mean "not given" and are skipped). Relative
     paths in the config file (``data``, file specs of ``model``/``loss``, ``out``,
     ``torchvision:...?root=``) are taken relative to the file's folder. ``model_args``
@@ -294,6 +308,9 @@ def resolve(
             (``batch-size``).
         config_file: ``--config FILE``; when ``None``, ``./hesscli.toml`` is used if present.
         command: the running command (``trace``, ``eigs``, ...), selecting its table.
+        ignored: when given, receives one line per config value that was ignored: trust
+            (``trust-code``/``trust-pickle``) in a ``hesscli.toml`` found in the working
+            folder rather than named with ``--config``.
 
     Returns:
         The resolved settings.
@@ -319,6 +336,13 @@ def resolve(
         for where, layer in layers:
             for key, raw in _normalise(layer, where, valid).items():
                 value = _coerce(key, raw, f"{where}: {key.replace('_', '-')}")
+                if key in TRUST_KEYS and config_file is None:
+                    if value and ignored is not None:
+                        ignored.append(
+                            f"{path}: {key.replace('_', '-')} is ignored in a config found in the working folder; "
+                            f"pass --{key.replace('_', '-')} on the command line (or name the file with --config)"
+                        )
+                    continue
                 if key in ("data", "model", "loss") and isinstance(value, str):
                     value = _anchor_spec(key, value, base)
                 elif key == "out" and isinstance(value, Path) and not value.is_absolute():

@@ -11,6 +11,7 @@ __all__ = [
     "AnalysisError",
     "BackendUnavailable",
     "UnsupportedAnalysis",
+    "ResultsNotSaved",
     "ConvergenceWarning",
 ]
 
@@ -39,6 +40,12 @@ class BackendUnavailable(InputError):
 
 class UnsupportedAnalysis(InputError):
     """The selected backend cannot run this analysis/curvature/layer; the message lists what it can."""
+
+
+class ResultsNotSaved(HesscliError):
+    """Results were computed but could not be written under ``--out`` (the CLI prints them). Exit code 1."""
+
+    exit_code = 1
 
 
 class ConvergenceWarning(UserWarning):

@@ -8,10 +8,13 @@ steps are not estimator noise.
 
 from __future__ import annotations
 
+import fnmatch
 import glob as globlib
 import hashlib
 import logging
+import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,6 +24,7 @@ import torch
 from hesscli.api import analyse, check_supported, failed_outcome, options_key, with_backend_defaults
 from hesscli.config import Settings
 from hesscli.errors import HesscliError, InputError
+from hesscli.results.fileops import path_text
 from hesscli.results.records import Outcome
 
 logger = logging.getLogger(__name__)
@@ -34,26 +38,102 @@ class CheckpointEntry:
 
     path: Path
     step: int | None
+    sha256: str | None = None  # None: not read yet, or unreadable
 
 
 @dataclass
 class ScanReport:
-    """What a scan did: outcomes it wrote, checkpoints it skipped (already done), failures."""
+    """What a scan did: outcomes it wrote, work it skipped, failures.
+
+    ``skipped`` holds (checkpoint, analysis) pairs already done; ``claimed`` those another
+    live process was computing; ``duplicates`` (checkpoint, same content as) pairs of files
+    not analysed because another file of the scan has the same bytes.
+    """
 
     checkpoints: list[CheckpointEntry]
     outcomes: list[Outcome] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint, analysis)
+    claimed: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint, analysis)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint, kept checkpoint)
 
     @property
     def failures(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.run.status != "ok"]
 
 
+def _match_parts(parts: Sequence[str], pattern: Sequence[str]) -> bool:
+    """Whether the path segments ``parts`` match the pattern segments (``**`` = any number of folders)."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match_parts(parts[i:], rest) for i in range(len(parts) + 1))
+    if not parts:
+        return False
+    if parts[0].startswith(".") and not head.startswith("."):
+        return False  # like glob: wildcards do not match hidden names
+    return fnmatch.fnmatchcase(parts[0], head) and _match_parts(parts[1:], rest)
+
+
+def _walk_files(root: Path) -> list[Path]:
+    """Every file under ``root``, following links to folders but entering each real folder once
+    (a link loop cannot repeat or explode the listing)."""
+    seen: set[tuple[int, int]] = set()
+    found: list[Path] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            children = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for child in children:
+            path = Path(child.path)
+            try:
+                if child.is_dir():
+                    stack.append(path)
+                elif child.is_file():
+                    found.append(path)
+            except OSError:
+                continue
+    return found
+
+
+def _glob(root: Path, pattern: str) -> list[Path]:
+    """``root.glob(pattern)`` for files, safe under link loops when the pattern has ``**``."""
+    if "**" not in pattern:
+        return [p for p in root.glob(pattern) if p.is_file()]
+    segments = [s for s in Path(pattern).parts if s not in ("", ".")]
+    static: list[str] = []
+    for seg in segments:  # walk from the deepest folder without wildcards
+        if any(c in seg for c in "*?["):
+            break
+        static.append(seg)
+    base = root.joinpath(*static) if static else root
+    rest = segments[len(static):]
+    if not base.is_dir():
+        return []
+    out = []
+    for path in _walk_files(base):
+        rel = path.relative_to(base).parts
+        if _match_parts(rel, rest):
+            out.append(path)
+    return out
+
+
 def find_checkpoints(target: str | Path, pattern: str = "*", exclude: Sequence[str | Path] = ()) -> list[Path]:
     """Checkpoint files under a folder (matching ``pattern``) or matching a glob.
 
     ``exclude`` names files that are never checkpoints (the ``--data`` file when it sits in the
-    same folder).
+    same folder). A file reached twice (through a link to a folder or to the file, or a link
+    loop under ``**``) is listed once, under its first name.
 
     Raises:
         InputError: nothing found.
@@ -61,18 +141,34 @@ def find_checkpoints(target: str | Path, pattern: str = "*", exclude: Sequence[s
     target_s = str(target)
     if Path(target_s).is_dir():
         root = Path(target_s)
-        paths = [p for p in root.glob(pattern) if p.is_file()]
+        paths = _glob(root, pattern)
         if pattern == "*":
             paths = [p for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES]
     elif Path(target_s).is_file():
         paths = [Path(target_s)]
     else:
-        paths = [Path(p) for p in globlib.glob(target_s, recursive=True) if Path(p).is_file()]
+        anchor, has_glob = [], False
+        for seg in Path(target_s).parts:
+            if any(c in seg for c in "*?["):
+                has_glob = True
+                break
+            anchor.append(seg)
+        if has_glob and "**" in target_s:
+            root = Path(*anchor) if anchor else Path(".")
+            rel = str(Path(target_s).relative_to(root)) if anchor else target_s
+            paths = _glob(root, rel)
+        else:
+            paths = [Path(p) for p in globlib.glob(target_s, recursive=True) if Path(p).is_file()]
     skip = {Path(e).resolve() for e in exclude}
-    paths = [p for p in paths if p.resolve() not in skip]
+    unique: dict[Path, Path] = {}
+    for p in sorted(paths, key=lambda q: (len(q.parts), str(q))):
+        real = p.resolve()
+        if real not in skip and real not in unique:
+            unique[real] = p
+    paths = list(unique.values())
     if not paths:
         raise InputError(
-            f"{target_s}: no checkpoint files found (looked for {', '.join(CHECKPOINT_SUFFIXES)}"
+            f"{path_text(target_s)}: no checkpoint files found (looked for {', '.join(CHECKPOINT_SUFFIXES)}"
             f"{'' if pattern == '*' else f' matching --glob {pattern!r}'}); point at a folder of checkpoints or a glob"
         )
     return sorted(paths)
@@ -83,7 +179,9 @@ def _metadata_step(path: Path) -> int | None:
     if path.suffix == ".safetensors":
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # TorchScript archives: weights-only loading refuses them
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # unreadable here; the analysis will report it properly
         return None
     if isinstance(obj, dict):
@@ -138,15 +236,78 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def dedupe_checkpoints(entries: Sequence[CheckpointEntry]) -> tuple[list[CheckpointEntry], list[tuple[CheckpointEntry, CheckpointEntry]]]:
+    """Keep one file per checkpoint content (sha256): the same bytes are analysed once per scan.
+
+    Of files with the same bytes (``last.ckpt`` next to ``epoch=3-step=200.ckpt``), the one
+    whose name gives a step is kept, else the shortest name. Files that cannot be read are
+    kept (their analysis reports the error).
+
+    Args:
+        entries: ordered checkpoints.
+
+    Returns:
+        ``(kept, duplicates)``: the kept entries in their order, with ``sha256`` filled in, and
+        ``(duplicate, kept entry)`` pairs.
+    """
+    from hesscli.loading import step_from
+
+    hashed: list[CheckpointEntry] = []
+    for e in entries:
+        try:
+            hashed.append(CheckpointEntry(e.path, e.step, sha256_of(e.path)))
+        except OSError:
+            hashed.append(e)
+    groups: dict[str, list[CheckpointEntry]] = {}
+    for e in hashed:
+        if e.sha256 is not None:
+            groups.setdefault(e.sha256, []).append(e)
+    keep: dict[str, CheckpointEntry] = {
+        sha: min(group, key=lambda e: (step_from(e.path.name, None) is None, len(e.path.name), e.path.name))
+        for sha, group in groups.items()
+    }
+    kept = [e for e in hashed if e.sha256 is None or keep[e.sha256] is e]
+    duplicates = [(e, keep[e.sha256]) for e in hashed if e.sha256 is not None and keep[e.sha256] is not e]
+    return kept, duplicates
+
+
+class _Done:
+    """The resume keys of ``ok`` runs in ``out/runs``, re-read incrementally (new part files only)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.keys: set[tuple[str, str, str]] = set()
+        self._seen: set[Path] = set()
+
+    def refresh(self) -> set[tuple[str, str, str]]:
+        """Add the keys of ``runs`` part files not read yet; returns every key seen so far.
+
+        Raises:
+            InputError: a part file is unreadable or its column types differ from the table's.
+        """
+        from hesscli.results.parquet import part_files, read_parts
+
+        new = [p for p in part_files(self.out, "runs") if p not in self._seen]
+        if new:
+            runs = read_parts(self.out, "runs", new)
+            self._seen.update(new)
+            if not runs.empty:
+                ok = runs[runs["status"] == "ok"]
+                self.keys |= set(zip(ok["checkpoint_sha256"], ok["analysis"], ok["options"]))
+        return self.keys
+
+
 def completed_runs(out: Path) -> set[tuple[str, str, str]]:
     """``(checkpoint_sha256, analysis, options)`` of every ``ok`` run already in ``out/runs``."""
-    from hesscli.results.parquet import read_table
+    return set(_Done(out).refresh())
 
-    runs = read_table(out, "runs")
-    if runs.empty:
-        return set()
-    ok = runs[runs["status"] == "ok"]
-    return set(zip(ok["checkpoint_sha256"], ok["analysis"], ok["options"]))
+
+def _agree(todo: list[str], analyses: Sequence[str], rank: int, reduce: Callable[[torch.Tensor], torch.Tensor],
+           device: torch.device) -> list[str]:
+    """Under torch.distributed, every rank takes rank 0's decision of what to compute."""
+    flags = torch.tensor([1.0 if (rank == 0 and a in todo) else 0.0 for a in analyses], device=device)
+    flags = reduce(flags)
+    return [a for a, f in zip(analyses, flags.tolist()) if f > 0.5]
 
 
 def run_scan(
@@ -162,6 +323,12 @@ def run_scan(
     world_size: int = 1,
 ) -> ScanReport:
     """Analyse every checkpoint of ``target``; one bad checkpoint never stops the rest.
+
+    Files with the same content are analysed once (``report.duplicates``). With
+    ``settings.resume`` and a ``write`` callback, each piece of work is claimed under
+    ``settings.out`` first (:mod:`hesscli.results.claims`), so scans running at the same time
+    into one ``--out`` split the work and store each result once (``report.claimed`` lists
+    what another live process was doing).
 
     Args:
         target: a folder (filtered by ``settings.glob``) or a glob.
@@ -180,14 +347,20 @@ def run_scan(
     """
     from hesscli.backends import get_backend
     from hesscli.loading import build_problem, load_checkpoint, load_data, load_loss, resolve_device, resolve_dtype
+    from hesscli.results.claims import claim, release
 
     analyses = list(analyses or settings.analyses)
     for a in analyses:
         if a not in ("trace", "eigs", "extremes", "density"):
             raise InputError(f"--analyses: unknown analysis {a!r}; choose from trace, eigs, extremes, density")
     exclude = [settings.data] if settings.data and Path(settings.data).is_file() else []
-    entries = take_shard(order_checkpoints(find_checkpoints(target, settings.glob, exclude)), settings.shard)
-    report = ScanReport(checkpoints=entries)
+    kept, duplicates = dedupe_checkpoints(order_checkpoints(find_checkpoints(target, settings.glob, exclude)))
+    entries = take_shard(kept, settings.shard)
+    mine = {id(e) for e in entries}
+    report = ScanReport(checkpoints=entries,
+                        duplicates=[(path_text(d.path), path_text(k.path)) for d, k in duplicates if id(k) in mine])
+    for dup, same in report.duplicates:
+        logger.info("%s has the same content as %s: analysed once", dup, same)
     device, dtype = resolve_device(settings.device), resolve_dtype(settings.dtype)
     loss = load_loss(settings.loss)
     data = load_data(settings, device=device, dtype=dtype, rank=rank, world_size=world_size)
@@ -197,14 +370,16 @@ def run_scan(
     backend = get_backend(settings.backend, **kwargs)
     for a in analyses:  # refuse what the backend cannot do before touching any checkpoint
         check_supported(backend, a, with_backend_defaults(backend, a, settings))
-    done = completed_runs(settings.out) if settings.resume else set()
+    done_index = _Done(settings.out)
+    done = done_index.refresh() if settings.resume else set()
+    use_claims = settings.resume and write is not None and rank == 0
 
     for index, entry in enumerate(entries):
         if on_checkpoint is not None:
             on_checkpoint(index, len(entries), entry)
-        name = str(entry.path)
+        name = path_text(entry.path)
         try:
-            sha = sha256_of(entry.path)
+            sha = entry.sha256 or sha256_of(entry.path)
         except OSError as e:
             outcomes = [failed_outcome(name, a, settings, f"cannot read {name}: {e.strerror or e}", step=entry.step)
                         for a in analyses]
@@ -212,32 +387,51 @@ def run_scan(
             if write is not None:
                 write(outcomes)
             continue
-        todo = [a for a in analyses if (sha, a, options_key(a, with_backend_defaults(backend, a, settings))) not in done]
+        keys = {a: (sha, a, options_key(a, with_backend_defaults(backend, a, settings))) for a in analyses}
+        todo = [a for a in analyses if keys[a] not in done]
         report.skipped.extend((name, a) for a in analyses if a not in todo)
-        if not todo:
-            continue
-        outcomes: list[Outcome] = []
+        claims: dict[str, Path] = {}
         try:
-            loaded = load_checkpoint(entry.path, settings)
-            if loaded.step is None:
-                loaded.step = entry.step
-            problem = build_problem(loaded, data, loss, settings, device=device, dtype=dtype)
-        except Exception as e:  # noqa: BLE001 - isolate any failure of one checkpoint
-            logger.debug("loading %s failed", name, exc_info=True)
-            msg = str(e) if isinstance(e, HesscliError) else f"{type(e).__name__}: {e}"
-            outcomes = [failed_outcome(name, a, settings, msg, sha256=sha, step=entry.step) for a in todo]
-        else:
-            if hasattr(backend, "plan"):  # lets one Lanczos run serve several analyses
-                backend.plan(problem, todo, settings)
-            for a in todo:
-                try:
-                    outcomes.append(analyse(problem, a, settings, reduce=reduce, backend=backend))
-                except Exception as e:  # noqa: BLE001
-                    logger.debug("%s on %s failed", a, name, exc_info=True)
-                    msg = str(e) if isinstance(e, HesscliError) else f"{type(e).__name__}: {e}"
-                    outcomes.append(failed_outcome(name, a, settings, msg, sha256=sha, step=problem.checkpoint.step,
-                                                   problem=problem))
-        report.outcomes.extend(outcomes)
-        if write is not None:
-            write(outcomes)
+            if use_claims and todo:
+                for a in todo:
+                    held = claim(settings.out, keys[a])
+                    if held is None:
+                        report.claimed.append((name, a))
+                    else:
+                        claims[a] = held
+                if claims:  # another process may have finished some since this scan looked
+                    done = done_index.refresh()
+                    report.skipped.extend((name, a) for a in claims if keys[a] in done)
+                todo = [a for a in todo if a in claims and keys[a] not in done]
+            if reduce is not None and world_size > 1:
+                todo = _agree(todo, analyses, rank, reduce, device)
+            if not todo:
+                continue
+            outcomes: list[Outcome] = []
+            try:
+                loaded = load_checkpoint(entry.path, settings)
+                if loaded.step is None:
+                    loaded.step = entry.step
+                problem = build_problem(loaded, data, loss, settings, device=device, dtype=dtype)
+            except Exception as e:  # noqa: BLE001 - isolate any failure of one checkpoint
+                logger.debug("loading %s failed", name, exc_info=True)
+                msg = str(e) if isinstance(e, HesscliError) else f"{type(e).__name__}: {e}"
+                outcomes = [failed_outcome(name, a, settings, msg, sha256=sha, step=entry.step) for a in todo]
+            else:
+                if hasattr(backend, "plan"):  # lets one Lanczos run serve several analyses
+                    backend.plan(problem, todo, settings)
+                for a in todo:
+                    try:
+                        outcomes.append(analyse(problem, a, settings, reduce=reduce, backend=backend))
+                    except Exception as e:  # noqa: BLE001
+                        logger.debug("%s on %s failed", a, name, exc_info=True)
+                        msg = str(e) if isinstance(e, HesscliError) else f"{type(e).__name__}: {e}"
+                        outcomes.append(failed_outcome(name, a, settings, msg, sha256=sha,
+                                                       step=problem.checkpoint.step, problem=problem))
+            report.outcomes.extend(outcomes)
+            if write is not None:
+                write(outcomes)
+        finally:
+            for held in claims.values():
+                release(held)
     return report

@@ -85,7 +85,7 @@ def test_info_config_from_another_folder(samples_dir, tmp_path, monkeypatch):
 
 def test_info_torchscript_needs_no_model(tiny):
     torch.jit.save(torch.jit.script(tiny.model), str(tiny.folder / "ts.pt"))
-    result = runner.invoke(app, ["info", str(tiny.folder / "ts.pt"), "--data", tiny.data, "--json"])
+    result = runner.invoke(app, ["info", str(tiny.folder / "ts.pt"), "--data", tiny.data, "--json", "--trust-code"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["format"] == "torchscript"
 
@@ -97,6 +97,7 @@ def test_help(flag):
         assert result.exit_code == 0, result.output
         assert "Usage" in result.stdout
     assert "--trust-pickle" in runner.invoke(app, ["info", flag]).stdout
+    assert "--trust-code" in runner.invoke(app, ["info", flag]).stdout
 
 
 def test_version():

@@ -43,7 +43,8 @@ def test_precedence_defaults_file_table_flags(tmp_path, monkeypatch):
 def test_unset_flags_do_not_override(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _write(tmp_path, 'trust_pickle = true\nparams = ["fc*"]\nloss = "mse"\n')
-    s = resolve({"trust_pickle": None, "params": [], "loss": None, "json": None}, None)
+    # trust is read from a config named with --config only (an implicit one is tested in test_security.py)
+    s = resolve({"trust_pickle": None, "params": [], "loss": None, "json": None}, tmp_path / "hesscli.toml")
     assert (s.trust_pickle, s.params, s.loss, s.json) == (True, ("fc*",), "mse", False)
     assert resolve({"params": ["head.*", "fc2.*"]}, None).params == ("head.*", "fc2.*")
 

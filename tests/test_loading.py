@@ -124,7 +124,7 @@ def test_torchscript_needs_no_factory(tiny, how):
     scripted = torch.jit.script(tiny.model) if how == "script" else torch.jit.trace(tiny.model, tiny.inputs[:2])
     path = tiny.folder / f"ts_{how}.pt"
     torch.jit.save(scripted, str(path))
-    loaded = load_checkpoint(path, Settings())
+    loaded = load_checkpoint(path, Settings(trust_code=True))  # TorchScript is code: loaded only when trusted
     assert loaded.format == "torchscript"
     _assert_same_model(loaded.model, tiny.model, tiny.inputs)
 
@@ -132,7 +132,7 @@ def test_torchscript_needs_no_factory(tiny, how):
 def test_torchscript_problem_end_to_end(tiny):
     path = tiny.folder / "ts.pt"
     torch.jit.save(torch.jit.script(tiny.model), str(path))
-    problem = load_problem(path, Settings(data=tiny.data, device="cpu", dtype="float64"))
+    problem = load_problem(path, Settings(data=tiny.data, device="cpu", dtype="float64", trust_code=True))
     loss, _ = evaluate(problem)
     expected = F.cross_entropy(tiny.model.double()(tiny.inputs.double()), tiny.targets).item()
     assert loss == pytest.approx(expected, rel=1e-12)

@@ -27,6 +27,7 @@ from hesscli.backends import get_backend
 from hesscli.config import Settings
 from hesscli.errors import InputError, UnsupportedAnalysis
 from hesscli.loading.problem import Problem
+from hesscli.results.fileops import path_text
 from hesscli.results.records import (
     DensityResult,
     EigsResult,
@@ -134,7 +135,7 @@ def _run_info(problem: Problem | None, analysis: str, settings: Settings, *, che
               status: str = "ok", error: str | None = None, backend: Any | None = None) -> RunInfo:
     return RunInfo(
         run_id=uuid.uuid4().hex,
-        checkpoint=checkpoint,
+        checkpoint=path_text(checkpoint),  # names that are not UTF-8 keep their bytes as \xNN
         checkpoint_sha256=sha256,
         step=step,
         analysis=analysis,

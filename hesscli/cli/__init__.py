@@ -25,9 +25,38 @@ __all__ = ["app", "main"]
 
 
 def _fail(message: str, code: int) -> None:
-    text = " ".join(str(message).split())  # always one line
+    from hesscli.results.fileops import path_text
+
+    text = path_text(" ".join(str(message).split()))  # always one line, always printable
     typer.echo(f"error: {text}", err=True)
     raise SystemExit(code)
+
+
+def _click_exceptions() -> tuple[type[BaseException], type[BaseException], type[BaseException]]:
+    """``(ClickException, NoArgsIsHelpError, Abort)`` of the click that Typer uses."""
+    try:
+        from typer._click import exceptions as ce  # Typer >= 0.16 ships its own click
+    except ImportError:  # pragma: no cover - older Typer on top of click
+        from click import exceptions as ce  # type: ignore[no-redef]
+    abort = getattr(ce, "Abort", None)
+    if abort is None:
+        from typer.exceptions import Abort as abort  # type: ignore[no-redef]
+    return ce.ClickException, ce.NoArgsIsHelpError, abort
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings as one ``warning:`` line: hesscli's own only; other libraries' go to the debug log."""
+    import logging
+
+    from hesscli.results.fileops import path_text
+
+    text = path_text(" ".join(str(message).split()))
+    module = str(filename).replace("\\", "/")
+    ours = "/hesscli/" in module or category.__module__.startswith("hesscli")
+    if ours:
+        typer.echo(f"warning: {text}", err=True)
+    else:
+        logging.getLogger("hesscli.cli").debug("%s (%s, %s:%s)", text, category.__name__, filename, lineno)
 
 
 _PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
@@ -55,16 +84,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    import warnings
+
+    click_error, no_args_help, abort = _click_exceptions()
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 must never stop the output
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", "strict") == "strict":
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # pragma: no cover - a stream that cannot change
+                pass
+    previous_showwarning = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _show_warning
     try:
-        # Typer/click handle their own usage errors (exit 2), --help, --version and Ctrl-C
-        # during the command (exit 130) and exit through SystemExit.
-        app(args=args, prog_name="hesscli", standalone_mode=True)
+        # Typer parses the options; usage errors come back here as click exceptions and are
+        # reported as one line (exit 2) like every other bad input.
+        code = app(args=args, prog_name="hesscli", standalone_mode=False)
     except SystemExit:
         raise
     except KeyboardInterrupt:
         if debug:
             raise
         _fail("interrupted", 130)
+    except no_args_help as e:  # `hesscli` alone: the help, as Typer prints it
+        e.show()
+        raise SystemExit(e.exit_code) from None
+    except click_error as e:
+        if debug:
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} -h')" if ctx is not None and e.exit_code == 2 else ""  # type: ignore[attr-defined]
+        _fail(f"{e.format_message()}{hint}", e.exit_code)  # type: ignore[attr-defined]
+    except abort:
+        _fail("aborted", 1)
     except HesscliError as e:
         if debug:
             raise
@@ -79,4 +132,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                        err=True)
             raise SystemExit(1)
         _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", 1)
-    raise SystemExit(0)  # pragma: no cover - standalone mode always exits
+    finally:
+        warnings.showwarning = previous_showwarning
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -17,6 +17,7 @@ from hesscli.cli import options as o
 from hesscli.cli.app import app
 from hesscli.cli.common import console, err_console, settings_from
 from hesscli.config import Settings
+from hesscli.errors import HesscliError
 
 # ----------------------------------------------------------------------------- shared options
 COMMON: dict[str, Any] = {
@@ -34,7 +35,7 @@ COMMON: dict[str, Any] = {
     "seed": o.SeedOpt,
     "out": o.OutOpt,
     "config": o.ConfigOpt,
-    "trust_pickle": o.TrustPickleOpt,
+    "trust_code": o.TrustCodeOpt,
     "json": o.JsonOpt,
     "quiet": o.QuietOpt,
     "debug": o.DebugOpt,
@@ -54,7 +55,7 @@ RunsOpt = Annotated[Optional[int], typer.Option("--runs", min=1, help="Independe
 SigmaOpt = Annotated[Optional[float], typer.Option("--sigma", min=0.0, help="Gaussian broadening of the density (default: from the spectrum's range).")]
 GridOpt = Annotated[Optional[int], typer.Option("--grid", min=10, help="Density grid points. Default 1000.")]
 HvpOpt = Annotated[Optional[str], typer.Option("--hvp", help="Native product path: auto (default) | func | autograd.")]
-CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (TorchScript, state_dict, safetensors, or pickled module with --trust-pickle).", show_default=False)]
+CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (state_dict or safetensors with --model; TorchScript or a pickled module with --trust-code).", show_default=False)]
 
 
 def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -122,6 +123,24 @@ def _note(settings: Settings, text: str) -> None:
         err_console().print(f"[dim]{text}[/dim]")
 
 
+def keep_unsaved(outcomes: list, settings: Settings, reason: str) -> None:
+    """Results that could not be written: print them as JSON (stdout with ``--json``, else stderr),
+    then stop with exit code 1 saying where they are.
+
+    Raises:
+        ResultsNotSaved: always.
+    """
+    from hesscli.errors import ResultsNotSaved
+    from hesscli.results.render import outcome_to_json
+
+    payload = [outcome_to_json(o) for o in outcomes]
+    text = json.dumps(payload[0] if len(payload) == 1 else payload)
+    typer.echo(text, err=not settings.json)
+    where = "stdout" if settings.json else "stderr"
+    raise ResultsNotSaved(f"{reason.rstrip('.')}; the result was computed but not saved: it is printed above as "
+                          f"JSON on {where}, and nothing of it was added to the tables")
+
+
 def run_single(command: str, checkpoint: Path, common: dict[str, Any], specific: dict[str, Any]) -> None:
     """Shared body of trace/eigs/extremes/density."""
     from hesscli import distributed
@@ -142,6 +161,10 @@ def run_single(command: str, checkpoint: Path, common: dict[str, Any], specific:
         from dataclasses import replace
 
         settings = replace(settings, device=distributed.device_for(ctx, settings.device))
+    if ctx.is_main:  # a results folder that cannot take the tables is refused before any work
+        from hesscli.results.parquet import prepare_out
+
+        prepare_out(settings.out)
     problem = _load(checkpoint, settings, ctx)
     if ctx.is_main:
         _note(settings, f"{problem.model.__class__.__name__} in eval mode (BatchNorm running statistics, dropout off); "
@@ -153,8 +176,11 @@ def run_single(command: str, checkpoint: Path, common: dict[str, Any], specific:
         outcome = analyse(problem, command, settings, reduce=reduce, on_matvecs=tick)
     if not ctx.is_main:
         return
-    write_outcomes(settings.out, [outcome])
-    saved = save_eigenvectors(settings.out, outcome) if settings.save_vectors else None
+    try:
+        write_outcomes(settings.out, [outcome])
+        saved = save_eigenvectors(settings.out, outcome) if settings.save_vectors else None
+    except HesscliError as e:  # keep the result: printed as JSON, and say so
+        keep_unsaved([outcome], settings, str(e))
     if settings.json:
         payload = outcome_to_json(outcome)
         if saved is not None:

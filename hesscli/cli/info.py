@@ -17,7 +17,7 @@ def info(
     loss: o.LossOpt = None,
     batch_size: o.BatchSizeOpt = None,
     max_samples: o.MaxSamplesOpt = None,
-    trust_pickle: o.TrustPickleOpt = None,
+    trust_code: o.TrustCodeOpt = None,
     params: o.ParamsOpt = None,
     device: o.DeviceOpt = None,
     dtype: o.DtypeOpt = None,
@@ -37,7 +37,7 @@ def info(
     """
     settings = settings_from(
         "info", data=data, model=model, model_arg=model_arg, loss=loss, batch_size=batch_size,
-        max_samples=max_samples, trust_pickle=trust_pickle, params=params, device=device, dtype=dtype, seed=seed,
+        max_samples=max_samples, trust_code=trust_code, params=params, device=device, dtype=dtype, seed=seed,
         config=config, debug=debug, json=as_json, quiet=quiet,
     )
     from hesscli.loading import describe, load_problem

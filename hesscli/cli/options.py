@@ -27,6 +27,7 @@ __all__ = [
     "SeedOpt",
     "OutOpt",
     "ConfigOpt",
+    "TrustCodeOpt",
     "TrustPickleOpt",
     "JsonOpt",
     "QuietOpt",
@@ -41,8 +42,8 @@ OUTPUT = "Output"
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
-        help="Checkpoint file: TorchScript archive, state_dict (.pt/.pth/.ckpt) or .safetensors with --model, "
-        "or a pickled module with --trust-pickle.",
+        help="Checkpoint file: state_dict (.pt/.pth/.ckpt) or .safetensors with --model; a TorchScript archive "
+        "or a pickled module with --trust-code.",
         show_default=False,
     ),
 ]
@@ -98,11 +99,15 @@ MaxSamplesOpt = Annotated[
     typer.Option("--max-samples", help="Use a seeded random subset of N samples. Default: all.", metavar="N",
                  rich_help_panel=INPUTS, show_default=False),
 ]
-TrustPickleOpt = Annotated[
+TrustCodeOpt = Annotated[
     Optional[bool],
-    typer.Option("--trust-pickle", help="Allow full unpickling (whole pickled modules). Only for files you trust: "
-                 "unpickling can run arbitrary code.", rich_help_panel=INPUTS, show_default=False),
+    typer.Option("--trust-code", "--trust-pickle",
+                 help="Load inputs that are code: whole pickled modules/objects (full unpickling) and TorchScript "
+                 "archives. Only for files you trust: both can run arbitrary code. --trust-pickle is the older name. "
+                 "Taken from the command line or --config FILE only, never from an implicit hesscli.toml.",
+                 rich_help_panel=INPUTS, show_default=False),
 ]
+TrustPickleOpt = TrustCodeOpt  # the older name
 CurvatureOpt = Annotated[
     Optional[str],
     typer.Option("--curvature", help="hessian (default) | ggn (generalized Gauss-Newton).", metavar="hessian|ggn",
@@ -135,7 +140,7 @@ SeedOpt = Annotated[
 ]
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", help="Settings file (TOML). Default: ./hesscli.toml when present.", metavar="FILE",
+    typer.Option("--config", help="Settings file (TOML). Default: ./hesscli.toml when present (which cannot switch on --trust-code).", metavar="FILE",
                  rich_help_panel=RUNTIME, show_default=False),
 ]
 DebugOpt = Annotated[

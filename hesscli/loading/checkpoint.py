@@ -1,8 +1,9 @@
 """Read a checkpoint file into a model on the CPU, safely.
 
-Formats: TorchScript archives; state_dicts (bare or nested under a common key) and
-safetensors files, both with a ``--model`` factory; whole pickled modules only with
-``--trust-pickle``. Everything else is read with ``torch.load(weights_only=True)``.
+Formats: state_dicts (bare or nested under a common key) and safetensors files, both with a
+``--model`` factory; whole pickled modules and TorchScript archives (both are code) only with
+``--trust-code`` (alias ``--trust-pickle``). Everything else is read with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ _STEP_RE = re.compile(r"(?:^|[^a-z])(?:global_?)?step[=_-]?(\d+)", re.IGNORECASE
 _EPOCH_RE = re.compile(r"(?:^|[^a-z])epoch[=_-]?(\d+)", re.IGNORECASE)
 _TRAILING_RE = re.compile(r"(?:^|[_.=-]|(?:iter|iteration|it|ckpt|checkpoint))(\d+)$", re.IGNORECASE)
 _PICKLE_RISK = (
-    "unpickling it can execute arbitrary code. If you trust where the file came from, pass --trust-pickle"
+    "unpickling it can execute arbitrary code. If you trust where the file came from, pass --trust-code "
+    "(alias --trust-pickle)"
+)
+_TORCHSCRIPT_RISK = (
+    "is a TorchScript archive, which is code: loading and running it can read, write or delete files. "
+    "If you trust where it came from, pass --trust-code; otherwise save a state_dict and pass --model"
 )
 
 
@@ -216,9 +222,12 @@ def torch_load(path: Path, *, trust_pickle: bool, what: str, safe_globals: list[
         InputError: the file is empty, truncated or corrupt, or weights-only loading refuses
             it (the message explains the risk and ``--trust-pickle``).
     """
+    if not trust_pickle and _sniff(path) == "torchscript":  # torch.load would hand it to torch.jit.load
+        raise InputError(f"{what}: {_TORCHSCRIPT_RISK}")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # we explain refusals ourselves
+            warnings.filterwarnings("ignore", message=".*dispatching to 'torch.jit.load'")
             if trust_pickle:
                 return torch.load(path, map_location="cpu", weights_only=False)
             with torch.serialization.safe_globals(list(safe_globals or [])):
@@ -296,16 +305,17 @@ def load_checkpoint(path: str | Path, settings: Settings) -> LoadedModel:
     """Read a checkpoint and return its model on the CPU (not yet moved or cast).
 
     Args:
-        path: TorchScript archive, ``torch.save`` file (state_dict, nested state_dict, or a
-            pickled module with ``settings.trust_pickle``) or ``.safetensors`` file.
-        settings: uses ``model``, ``model_args`` and ``trust_pickle``.
+        path: ``torch.save`` file (state_dict, nested state_dict, or a pickled module with
+            ``settings.trust_code``), TorchScript archive (with ``settings.trust_code``) or
+            ``.safetensors`` file.
+        settings: uses ``model``, ``model_args`` and ``trust_code``.
 
     Returns:
         The model plus provenance: format, sha256, step, epoch and scalar metadata.
 
     Raises:
-        InputError: missing/corrupt file, refused pickle, no ``--model`` for a state_dict,
-            or weights that do not fit the model.
+        InputError: missing/corrupt file, refused pickle or TorchScript archive, no ``--model``
+            for a state_dict, or weights that do not fit the model (names, shapes or dtypes).
     """
     p = Path(path).expanduser()
     what = f"checkpoint {path}"
@@ -320,6 +330,8 @@ def load_checkpoint(path: str | Path, settings: Settings) -> LoadedModel:
     metadata: dict[str, object] = {}
 
     if kind == "torchscript":
+        if not settings.trust_code:
+            raise InputError(f"{what}: {_TORCHSCRIPT_RISK}")
         try:
             model: nn.Module = torch.jit.load(str(p), map_location="cpu")
         except Exception as e:

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from hesscli.config import parse_model_args
@@ -75,6 +76,20 @@ def _listing(names: list[str]) -> str:
     return head + (f" (+{len(names) - _SHOWN} more)" if len(names) > _SHOWN else "")
 
 
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """``bool`` | ``complex`` | ``float`` | ``int``: loading across kinds changes what a tensor means
+    (an integer counter saved as float64), while a precision change within a kind is a cast."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "int"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def load_weights(model: nn.Module, state: Mapping[str, Any], *, source: str, spec: str | None = None) -> str:
     """Load ``state`` into ``model`` strictly, peeling ``module.``/``model.``/``_orig_mod.`` if needed.
 
@@ -88,7 +103,10 @@ def load_weights(model: nn.Module, state: Mapping[str, Any], *, source: str, spe
         The prefix that was stripped (``""`` when none).
 
     Raises:
-        InputError: missing or unexpected keys, or shape mismatches (a few of each are named).
+        InputError: missing or unexpected keys, shape mismatches, or tensors whose dtype is of
+            another kind than the model's (a float tensor for an integer buffer, ...); a few of
+            each are named. Precision differences within a kind (float16 weights for a
+            float32 model) are cast as ``load_state_dict`` does.
     """
     expected = model.state_dict()
     keys = list(state.keys())
@@ -108,6 +126,11 @@ def load_weights(model: nn.Module, state: Mapping[str, Any], *, source: str, spe
         for k, v in renamed.items()
         if k in expected and isinstance(v, Tensor) and tuple(v.shape) != tuple(expected[k].shape)
     ]
+    mistyped = [
+        f"{k} checkpoint {_dtype_name(v.dtype)} vs model {_dtype_name(expected[k].dtype)}"
+        for k, v in renamed.items()
+        if k in expected and isinstance(v, Tensor) and _dtype_kind(v.dtype) != _dtype_kind(expected[k].dtype)
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {_listing(missing)}")
@@ -115,6 +138,8 @@ def load_weights(model: nn.Module, state: Mapping[str, Any], *, source: str, spe
         problems.append(f"unexpected keys: {_listing(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatch: {_listing(mismatched)}")
+    if mistyped:
+        problems.append(f"dtype mismatch: {_listing(mistyped)}")
     model_name = type(model).__name__
     if problems:
         raise InputError(

@@ -17,6 +17,8 @@ from hesscli.errors import InputError
 __all__ = ["split_spec", "load_callable", "one_line", "short"]
 
 logger = logging.getLogger(__name__)
+code_logger = logging.getLogger("hesscli.code")
+"""Says which file each ``--model``/``--data``/``--loss`` callable is imported from (INFO)."""
 
 _ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception))\s*:\s*(.+)$")
 _FILE_MODULES: dict[tuple[str, int], Any] = {}
@@ -83,6 +85,7 @@ def _import_file(path: Path, option: str, spec: str) -> Any:
     if folder not in sys.path:  # sibling imports (``from layers import Block``) keep working
         sys.path.insert(0, folder)
     sys.modules[name] = module
+    code_logger.info("%s %s: importing (running) %s", option, spec, resolved, extra={"option": option})
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
@@ -96,8 +99,13 @@ def _import_module(target: str, option: str, spec: str) -> Any:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:  # console scripts do not put the cwd on sys.path
         sys.path.append(cwd)
+    known = target in sys.modules
     try:
-        return importlib.import_module(target)
+        module = importlib.import_module(target)
+        if not known:
+            code_logger.info("%s %s: importing (running) %s", option, spec,
+                             getattr(module, "__file__", None) or target, extra={"option": option})
+        return module
     except ModuleNotFoundError as e:
         raise InputError(
             f"{option} {spec!r}: cannot import module {target!r} ({e}); install it, run from its folder, "

@@ -120,7 +120,7 @@ def test_table_columns_match_the_contract() -> None:
     assert TABLES["runs"].names == [f.name for f in dataclasses.fields(RunInfo)]
     expected = {
         "trace": ["param_group", "estimate", "stderr", "ci_low", "ci_high", "n_probes", "method", "converged"],
-        "eigs": ["rank", "which", "eigenvalue", "residual", "converged"],
+        "eigs": ["rank", "which", "eigenvalue", "residual", "converged", "error_bound", "at_floor"],
         "extremes": ["lambda_max", "lambda_min", "condition_number", "negative_ratio", "residual_max",
                      "residual_min", "converged"],
         "density": ["grid", "density", "sigma"],

@@ -10,11 +10,12 @@ restarts thickly (Wu & Simon 2000, SIMAX 22): the wanted Ritz vectors (plus a bu
 them) are kept, the next block continues the iteration, and memory stays at ``ncv`` vectors.
 
 **Blocks find repeated eigenvalues.** A Krylov space grown from ``b`` random vectors holds at
-most ``b`` independent eigenvectors of one eigenvalue. The run starts with ``b = 2`` (``b = 1``
-while it also serves a density run, see :func:`lanczos_run`); whenever a wanted eigenvalue
-strictly beyond the ``k``-th shows as many copies as the block has vectors, one more fresh
-random vector joins the block and the run goes on for as many block steps as the values took
-to converge, so that a further copy would have time to converge too. A column of the next
+most ``b`` independent eigenvectors of one eigenvalue. The run starts with ``b = 2`` when an
+end wants two or more values (``b = 1`` for one value at each end: a copy of the extreme value
+does not change it); whenever a wanted eigenvalue strictly beyond the ``k``-th shows as many
+copies as the block has vectors, one more fresh random vector joins the block and the run goes
+on for as many block steps as the values took to converge, so that a further copy would have
+time to converge too; it stops when such a check finds no new copy. A column of the next
 block that vanishes (an invariant subspace, ``β`` at the level of rounding) is replaced by a
 fresh random vector orthogonal to everything so far; its coupling is dropped and counted in the
 error bounds.
@@ -51,7 +52,7 @@ from hesscli.operators.base import CurvatureOperator
 from hesscli.results.records import EigsResult, ExtremesResult
 
 __all__ = ["WHICH", "DEFAULT_MAX_ITER", "BLOCK", "breakdown_tol", "default_ncv", "default_tol", "error_bounds",
-           "floor_bounds", "lanczos_eigs", "lanczos_run", "LanczosRun", "extremes", "extremes_of"]
+           "floor_bounds", "residual_flags", "lanczos_eigs", "lanczos_run", "LanczosRun", "extremes", "extremes_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,20 +76,21 @@ FLOOR_SAFETY = 3.0
 
 
 def breakdown_tol(dtype: torch.dtype) -> float:
-    """Relative size ``β / ||A||`` below which a Lanczos vector counts as rounding noise: ``4·eps``.
+    """Relative size ``β / ||A||`` below which a Lanczos vector counts as rounding noise: ``8·eps``.
 
-    An exhausted Krylov space leaves a remainder of the size of the product's rounding error,
-    about ``eps · ||A||``; anything larger is a coupling to a part of the spectrum not yet seen
-    (in float32 a bulk of eigenvalues 1e5× below an outlier has couplings of ``1e-5 · ||A||``,
-    which must not be taken for an invariant subspace). Treating noise as a coupling is harmless
-    (the next vector is then a direction orthogonal to everything so far), so the threshold sits
-    at the noise level, not above it.
+    An exhausted Krylov space leaves a remainder of the size of the product's rounding error, a
+    few ``eps · ||A||``; anything larger is a coupling to a part of the spectrum not yet seen (in
+    float32 a bulk of eigenvalues 1e5× below an outlier has couplings of ``1e-5 · ||A||``, which
+    must not be taken for an invariant subspace, as the ``eps^(2/3)`` rule once did). Taking noise
+    for a coupling is harmless (the next vector is then some direction orthogonal to everything
+    so far), so the threshold sits just above the noise, not well above it. A dropped coupling
+    is counted in the error bounds.
 
     Example:
-        >>> breakdown_tol(torch.float64) == 4 * torch.finfo(torch.float64).eps
+        >>> breakdown_tol(torch.float64) == 8 * torch.finfo(torch.float64).eps
         True
     """
-    return FLOOR_EPS * torch.finfo(dtype).eps
+    return 8 * torch.finfo(dtype).eps
 
 
 _RESTART_CHUNK = 1 << 22
@@ -114,7 +116,7 @@ def default_tol(dtype: torch.dtype) -> float:
         >>> default_tol(torch.float32), default_tol(torch.float64)
         (1e-06, 1e-10)
     """
-    return 1e-10 if torch.finfo(dtype).bits >= 64 else 1e-6
+    return 1e-10 if torch.finfo(dtype).bits >= 64 else 1e-4
 
 
 def default_ncv(n: int, k_total: int, itemsize: int) -> int:
@@ -180,6 +182,30 @@ def floor_bounds(theta: Tensor, res: Tensor, delta: float | Tensor) -> Tensor:
     bound = torch.empty_like(bound_s)
     bound[order] = bound_s
     return bound
+
+
+def residual_flags(values: Tensor, residuals: Tensor, tol: float, dtype: torch.dtype,
+                   norm: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Error bounds and flags of eigenpairs whose residuals ``||A v - λ v||`` were computed with a
+    fresh product each (the peer backends' check): a residual bounds the error of its value
+    (no gap is assumed), plus the floor ``FLOOR_EPS · eps · norm`` for the rounding of ``λ``.
+
+    Returns:
+        ``(bounds, converged, at_floor)``: converged when the bound is within ``tol · |λ|``, or,
+        for a value within its bound of zero, when the residual is at the floor.
+
+    Example:
+        >>> b, c, z = residual_flags(torch.tensor([2.0, 1e-20], dtype=torch.float64),
+        ...                          torch.tensor([1e-9, 1e-17], dtype=torch.float64), 1e-6, torch.float64, 2.0)
+        >>> c.tolist(), z.tolist()
+        ([True, True], [False, True])
+    """
+    delta = FLOOR_EPS * torch.finfo(dtype).eps * norm
+    bounds = residuals.to(torch.float64) + delta
+    lam = values.to(torch.float64)
+    at_floor = lam.abs() <= bounds
+    converged = (bounds <= tol * lam.abs()) | (at_floor & (residuals <= 2 * delta))
+    return bounds, converged, at_floor
 
 
 class _BlockLanczos:
@@ -297,7 +323,7 @@ class _BlockLanczos:
 
         # the next block: orthonormalise the remainders column by column; a column at the
         # level of rounding noise is dropped (its coupling counted) and replaced
-        tiny = max(breakdown_tol(self.A.dtype) * self.anorm, self.floor())
+        tiny = breakdown_tol(self.A.dtype) * self.anorm
         Q = torch.zeros(b, self.n, dtype=self.A.dtype, device=self.A.device)
         B = torch.zeros(b, b, dtype=torch.float64)
         nq = 0
@@ -508,8 +534,9 @@ def lanczos_run(
     block: int | None = None,
 ) -> LanczosRun:
     """:func:`lanczos_eigs`, also returning the Lanczos matrix of the first ``keep_tridiagonal``
-    steps (see :class:`LanczosRun`), so that one run can serve a spectral density too: those
-    steps are taken with a single vector, and the block grows afterwards. When the wanted
+    steps (see :class:`LanczosRun`), so that one run can serve a spectral density too. Only a
+    single-vector run (one value wanted at each end) can: a block run's steps are no
+    single-vector quadrature, so ``keep_tridiagonal`` is then ignored. When the wanted
     values converge sooner, the run goes on to ``keep_tridiagonal`` steps (if that fits in
     ``ncv`` and ``max_iter``): those steps would be spent by the density run anyway.
 
@@ -553,7 +580,9 @@ def lanczos_run(
     if ncv < n:  # room for the block next to the kept Ritz vectors at a restart
         ncv = min(n, max(ncv, k_total + 2 * (block + 2) + 2))
     max_block = max(1, (ncv - k_total - 2) // 2) if ncv < n else n
-    start_block = 1 if keep_tridiagonal else max(1, min(block, max_block))
+    if block > 1:
+        keep_tridiagonal = 0  # a block run's first steps are no single-vector quadrature
+    start_block = max(1, min(block, max_block))
 
     before = A.n_matvecs
     lz = _BlockLanczos(A, generator, ncv, start_block)
@@ -563,7 +592,6 @@ def lanczos_run(
     grown_at = 0  # block step at which the running check for further copies began
     check: list[float] | None = None  # the wanted values when that check began
     resolved = False  # a check found no further copy
-    pending = bool(keep_tridiagonal) and block > 1  # grow once the density's steps are taken
     history = _History(n_top, n_bottom)
     state: _State | None = None
     while not lz.exhausted and used + lz.b <= max_iter:
@@ -578,10 +606,6 @@ def lanczos_run(
         if lz.plain and keep_tridiagonal and lz.m == keep_tridiagonal:
             T = lz.H[:lz.m, :lz.m]
             tridiagonal = (T.diagonal().clone(), T.diagonal(1).clone())
-        if pending and (tridiagonal is not None or not lz.plain or lz.m >= keep_tridiagonal):
-            pending = False
-            if lz.grow(min(block, max_block) - lz.b):
-                grown_at = lz.nblk
         if lz.m < k_total or lz.exhausted:
             continue
         state = _assess(lz, history, n_top, n_bottom, tol)
@@ -602,8 +626,7 @@ def lanczos_run(
                 check, grown_at = state.values(), lz.nblk
                 logger.debug("Lanczos: looking for further copies with a block of %d", lz.b)
                 continue
-        if pending or (lz.plain and tridiagonal is None and lz.m < keep_tridiagonal <= ncv
-                       and used + 1 <= max_iter):
+        if lz.plain and tridiagonal is None and lz.m < keep_tridiagonal <= ncv and used + 1 <= max_iter:
             continue  # a few more steps make the density's first run (and only sharpen these values)
         break
 

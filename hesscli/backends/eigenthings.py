@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from hesscli.algorithms.lanczos import DEFAULT_MAX_ITER
+from hesscli.algorithms.lanczos import DEFAULT_MAX_ITER, residual_flags
 from hesscli.backends.base import Capabilities
 from hesscli.config import Settings
 from hesscli.errors import BackendUnavailable, ConvergenceWarning, InputError, UnsupportedAnalysis
@@ -287,8 +287,8 @@ class EigenthingsBackend:
         ``largest`` runs ``which="LA"``, ``smallest`` ``which="SA"``; ``both`` takes the two
         ends of one run's Ritz values (a second run with the same start would repeat the
         same products). Every returned vector gets one extra product for its true
-        residual; pair ``i`` has converged when the residual is at most
-        ``tol · max(|λ_i|, sqrt(eps) · max|λ|)`` (``--tol``, default 1e-6).
+        residual; flags and error bounds follow :func:`~hesscli.algorithms.lanczos.residual_flags`
+        (``--tol``, default 1e-6).
 
         Returns:
             :class:`EigsResult` ordered like the native engine's.
@@ -320,7 +320,7 @@ class EigenthingsBackend:
         n_iter = counter.n
         lam = values.to(torch.float64).cpu()
         res = self._residuals(op, values, vectors.T)
-        converged = self._converged(lam, res, norm, settings, problem.dtype)
+        bounds, converged, at_floor = residual_flags(lam, res, settings.tol or DEFAULT_TOL, problem.dtype, norm)
         if not bool(converged.all()):
             warnings.warn(
                 f"eigenthings Lanczos: {int(converged.sum())} of {lam.numel()} eigenvalues converged within "
@@ -337,6 +337,8 @@ class EigenthingsBackend:
             n_hvp=counter.n,
             n_iter=n_iter,
             eigenvectors=vectors.T.contiguous() if settings.save_vectors else None,
+            error_bounds=tuple(float(x) for x in bounds),
+            at_floor=tuple(bool(x) for x in at_floor),
         )
 
     def extremes(self, problem: Problem, settings: Settings, generator: torch.Generator) -> ExtremesResult:
@@ -353,7 +355,7 @@ class EigenthingsBackend:
         values, vectors = r.eigenvalues[idx], r.eigenvectors[idx]
         lam = values.to(torch.float64).cpu()
         res = self._residuals(op, values, vectors.T)
-        converged = self._converged(lam, res, norm, settings, problem.dtype)
+        _, converged, _ = residual_flags(lam, res, settings.tol or DEFAULT_TOL, problem.dtype, norm)
         if not bool(converged.all()):
             warnings.warn(
                 f"eigenthings Lanczos: the extreme eigenvalues did not converge within {steps} products "
@@ -412,9 +414,3 @@ class EigenthingsBackend:
 
     # ----------------------------------------------------------------- helpers
 
-    @staticmethod
-    def _converged(lam: Tensor, res: Tensor, norm: float, settings: Settings, dtype: torch.dtype) -> Tensor:
-        """The native rule: ``residual <= tol · max(|λ|, sqrt(eps) · max |Ritz value|)``."""
-        tol = settings.tol or DEFAULT_TOL
-        floor = math.sqrt(torch.finfo(dtype).eps) * norm
-        return res <= tol * torch.clamp(lam.abs(), min=floor)

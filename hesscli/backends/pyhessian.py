@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from hesscli.algorithms.lanczos import residual_flags
 from hesscli.backends.base import Capabilities
 from hesscli.config import Settings
 from hesscli.errors import BackendUnavailable, ConvergenceWarning, InputError, UnsupportedAnalysis
@@ -411,8 +412,8 @@ class PyHessianBackend:
         and ``settings.tol`` (default 1e-3) its tolerance on the relative change of the
         eigenvalue. PyHessian's values lag its vectors by one iteration, so one more product
         per returned (unit) vector gives its Rayleigh quotient (reported) and the residual
-        ``||Hv - λv||``; pair ``i`` has converged when the residual is at most
-        ``tol · max(|λ_i|, sqrt(eps) · max|λ|)`` (the native engine's rule).
+        ``||Hv - λv||``; flags and error bounds follow
+        :func:`~hesscli.algorithms.lanczos.residual_flags`.
 
         Returns:
             :class:`EigsResult` ordered by decreasing magnitude (PyHessian's target),
@@ -443,9 +444,7 @@ class PyHessianBackend:
         res = torch.linalg.vector_norm(HV - V * lam.to(V.dtype), dim=0).to(torch.float64)
         order = torch.argsort(lam.abs(), descending=True)
         lam, res, V = lam[order].cpu(), res[order].cpu(), V[:, order]
-        eps = torch.finfo(problem.dtype).eps
-        threshold = tol * torch.clamp(lam.abs(), min=math.sqrt(eps) * float(lam.abs().max()))
-        converged = res <= threshold
+        bounds, converged, at_floor = residual_flags(lam, res, tol, problem.dtype, float(lam.abs().max()))
         if (lam < 0).any():
             logger.warning("PyHessian returned negative eigenvalue(s) among the largest in magnitude: %s",
                            [round(float(x), 6) for x in lam[lam < 0]])
@@ -465,6 +464,8 @@ class PyHessianBackend:
             n_hvp=n_hvp,
             n_iter=n_hvp,
             eigenvectors=V if settings.save_vectors else None,
+            error_bounds=tuple(float(x) for x in bounds),
+            at_floor=tuple(bool(x) for x in at_floor),
         )
 
     def extremes(self, problem: Problem, settings: Settings, generator: torch.Generator) -> ExtremesResult:

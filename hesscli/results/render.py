@@ -163,10 +163,17 @@ def _eigs_body(r: EigsResult) -> RenderableType:
     table.add_column("rank", justify="right")
     table.add_column("which")
     table.add_column("eigenvalue", justify="right", style="cyan")
+    table.add_column("± bound", justify="right")
     table.add_column("residual", justify="right")
     table.add_column("converged", justify="center")
-    for value, residual, conv, which, rank in zip(r.eigenvalues, r.residuals, r.converged, r.which, r.rank):
-        table.add_row(str(rank), which, _num(value, ".6g"), _num(residual, ".2e"), _tick(bool(conv)))
+    n = len(r.eigenvalues)
+    bounds = r.error_bounds if len(r.error_bounds) == n else (None,) * n
+    floors = r.at_floor if len(r.at_floor) == n else (False,) * n
+    for value, residual, conv, which, rank, bound, at_floor in zip(
+            r.eigenvalues, r.residuals, r.converged, r.which, r.rank, bounds, floors):
+        shown = Text(f"≈0 ({_num(value, '.2g')})", style="dim") if at_floor else _num(value, ".6g")
+        table.add_row(str(rank), which, shown, "—" if bound is None else _num(bound, ".1e"),
+                      _num(residual, ".2e"), _tick(bool(conv)))
     n_conv = sum(bool(c) for c in r.converged)
     note = Text(
         f"{n_conv}/{len(r.converged)} converged · {r.n_iter} iterations · {r.n_hvp:,} HVPs",

@@ -9,7 +9,7 @@ Example:
     >>> sorted(TABLES)
     ['density', 'eigs', 'extremes', 'ritz', 'runs', 'trace']
     >>> TABLES["eigs"].names
-    ['run_id', 'checkpoint', 'step', 'rank', 'which', 'eigenvalue', 'residual', 'converged']
+    ['run_id', 'checkpoint', 'step', 'rank', 'which', 'eigenvalue', 'residual', 'converged', 'error_bound', 'at_floor']
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ TABLES: dict[str, pa.Schema] = {
         pa.field("eigenvalue", pa.float64()),
         pa.field("residual", pa.float64()),
         pa.field("converged", pa.bool_()),
+        pa.field("error_bound", pa.float64()),
+        pa.field("at_floor", pa.bool_()),
     ),
     "extremes": _schema(
         pa.field("lambda_max", pa.float64()),
@@ -186,6 +188,9 @@ def _trace_rows(run: RunInfo, r: TraceResult) -> list[dict[str, Any]]:
 
 
 def _eigs_rows(run: RunInfo, r: EigsResult) -> list[dict[str, Any]]:
+    n = len(r.eigenvalues)
+    bounds = r.error_bounds if len(r.error_bounds) == n else (None,) * n
+    floors = r.at_floor if len(r.at_floor) == n else (None,) * n
     return [
         {
             **_key(run),
@@ -194,9 +199,11 @@ def _eigs_rows(run: RunInfo, r: EigsResult) -> list[dict[str, Any]]:
             "eigenvalue": float(value),
             "residual": float(residual),
             "converged": bool(conv),
+            "error_bound": None if bound is None else float(bound),
+            "at_floor": None if at_floor is None else bool(at_floor),
         }
-        for value, residual, conv, which, rank in zip(
-            r.eigenvalues, r.residuals, r.converged, r.which, r.rank, strict=True
+        for value, residual, conv, which, rank, bound, at_floor in zip(
+            r.eigenvalues, r.residuals, r.converged, r.which, r.rank, bounds, floors, strict=True
         )
     ]
 

@@ -68,7 +68,7 @@ BLOCK = 2
 """Start block size: two random vectors, so an eigenvalue of multiplicity two shows as two
 copies (and a third copy is then looked for, see the module docstring)."""
 
-FLOOR_EPS = 2.0
+FLOOR_EPS = 4.0
 """The arithmetic floor ``δ`` is at least ``FLOOR_EPS · eps · ||A||``."""
 
 FLOOR_SAFETY = 3.0
@@ -642,8 +642,8 @@ def lanczos_run(
     exact = lz.m >= n
     if not exact and check is not None:  # the check for further copies did not finish
         unresolved = [float(theta[top[0]]) if top else None, float(theta[bottom[0]]) if bottom else None]
-    elif not exact and not resolved and bool(state.settled[idx].all()):
-        unresolved = state.suspects(lz.b, tol)
+    elif not exact and not resolved:  # copies located roughly (1 %) count too: the run may have stopped early
+        unresolved = state.suspects(lz.b, tol, located=state.settled | (state.bound <= 1e-2 * theta.abs()))
     rank_ok = torch.ones(lz.m, dtype=torch.bool)
     for ids, value, sign in ((top, unresolved[0], 1.0), (bottom, unresolved[1], -1.0)):
         if value is not None:
@@ -651,6 +651,7 @@ def lanczos_run(
                 if sign * (float(theta[i]) - value) < 0:
                     rank_ok[i] = False
     flags = converged & rank_ok
+    bound = torch.where(rank_ok, bound, torch.full_like(bound, math.inf))  # which eigenvalue it is: unknown
     _warn(theta, bound, idx, flags, converged, limited, rank_ok, used, tol, state.delta, A.dtype)
     result = EigsResult(
         eigenvalues=tuple(float(x) for x in theta[idx]),
@@ -733,9 +734,10 @@ class _State:
         return all(abs(a - b) <= float(self.bound[i]) + max(tol * abs(a), 2 * float(self.delta[i]))
                    for a, b, i in zip(now, before, self.idx))
 
-    def suspects(self, block: int, tol: float) -> list[float | None]:
+    def suspects(self, block: int, tol: float, located: Tensor | None = None) -> list[float | None]:
         slack = torch.maximum(tol * self.theta.abs(), 2 * self.delta)
-        return _suspects(self.theta, self.bound, (self.top, self.bottom), block, slack, self.settled)
+        return _suspects(self.theta, self.bound, (self.top, self.bottom), block, slack,
+                         self.settled if located is None else located)
 
 
 def _assess(lz: _BlockLanczos, history: _History | None, n_top: int, n_bottom: int, tol: float, *,

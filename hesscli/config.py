@@ -35,6 +35,10 @@ class Settings:
     batch_size: int = 512
     max_samples: int | None = None
     trust_pickle: bool = False
+    target_key: str = "labels"  # dict samples: the key held back as the loss target
+    forward_args: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments of forward
+    output: str | None = None  # which tensor of a ModelOutput/dict/tuple the loss sees (default: logits)
+    batchnorm: str = "running"  # running | batch  (BatchNorm statistics during the analysis)
     # curvature
     curvature: str = "hessian"  # hessian | ggn
     params: tuple[str, ...] = ()
@@ -87,13 +91,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("float32", "float64"),
     "method": ("hutchinson", "hutch++", "exact"),
     "which": ("largest", "smallest", "both"),
+    "batchnorm": ("running", "batch"),
 }
 """Allowed values of the options that take one of a fixed set of words."""
 
 POSITIVE: tuple[str, ...] = ("batch_size", "max_samples", "probes", "top_k", "max_iter", "iters", "runs", "grid")
 """Integer options that must be >= 1."""
 
-_ALIASES = {"model_arg": "model_args", "param": "params", "analysis": "analyses"}
+_ALIASES = {"model_arg": "model_args", "forward_arg": "forward_args", "param": "params", "analysis": "analyses"}
+_DICTS = ("model_args", "forward_args")
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
@@ -323,7 +329,7 @@ def resolve(
                     value = _anchor_spec(key, value, base)
                 elif key == "out" and isinstance(value, Path) and not value.is_absolute():
                     value = base / value
-                if key == "model_args" and isinstance(values.get(key), dict):
+                if key in _DICTS and isinstance(values.get(key), dict):
                     value = {**values[key], **value}  # type: ignore[dict-item]
                 values[key] = value
                 origin[key] = f"{where}: {key.replace('_', '-')}"
@@ -332,11 +338,11 @@ def resolve(
         key = _ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))
         if key not in valid:
             raise TypeError(f"resolve() got an unknown setting {k!r}")
-        if raw is None or (isinstance(raw, (list, tuple, dict)) and not raw and key in ("params", "analyses", "model_args")):
+        if raw is None or (isinstance(raw, (list, tuple, dict)) and not raw and key in ("params", "analyses", *_DICTS)):
             continue
-        where = _option_name(key if key != "model_args" else "model_arg")
+        where = _option_name({"model_args": "model_arg", "forward_args": "forward_arg"}.get(key, key))
         value = _coerce(key, raw, where)
-        if key == "model_args" and isinstance(values.get(key), dict):
+        if key in _DICTS and isinstance(values.get(key), dict):
             value = {**values[key], **value}  # type: ignore[dict-item]
         values[key] = value
         origin[key] = where

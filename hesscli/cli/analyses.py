@@ -24,6 +24,10 @@ COMMON: dict[str, Any] = {
     "model": o.ModelOpt,
     "model_arg": o.ModelArgOpt,
     "loss": o.LossOpt,
+    "target_key": o.TargetKeyOpt,
+    "forward_arg": o.ForwardArgOpt,
+    "output": o.OutputOpt,
+    "batchnorm": o.BatchnormOpt,
     "batch_size": o.BatchSizeOpt,
     "max_samples": o.MaxSamplesOpt,
     "curvature": o.CurvatureOpt,
@@ -54,7 +58,7 @@ RunsOpt = Annotated[Optional[int], typer.Option("--runs", min=1, help="Independe
 SigmaOpt = Annotated[Optional[float], typer.Option("--sigma", min=0.0, help="Gaussian broadening of the density (default: from the spectrum's range).")]
 GridOpt = Annotated[Optional[int], typer.Option("--grid", min=10, help="Density grid points. Default 1000.")]
 HvpOpt = Annotated[Optional[str], typer.Option("--hvp", help="Native product path: auto (default) | func | autograd.")]
-CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (TorchScript, state_dict, safetensors, or pickled module with --trust-pickle).", show_default=False)]
+CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (TorchScript, state_dict, safetensors, or pickled module with --trust-pickle) or a Hugging Face model folder (config.json + weights).", show_default=False)]
 
 
 def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -49,6 +49,9 @@ def settings_from(command: str, **flag_values: Any) -> Settings:
     model_arg = flag_values.pop("model_arg", None)
     if model_arg:
         flag_values["model_args"] = parse_model_args(model_arg)
+    forward_arg = flag_values.pop("forward_arg", None)
+    if forward_arg:
+        flag_values["forward_args"] = parse_model_args(forward_arg, source="--forward-arg")
     settings = resolve(flag_values, Path(config) if config is not None else None, command=command)
     setup_logging(quiet=settings.quiet or settings.json, debug=settings.debug)
     return settings

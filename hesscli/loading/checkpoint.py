@@ -1,7 +1,8 @@
 """Read a checkpoint file into a model on the CPU, safely.
 
 Formats: TorchScript archives; state_dicts (bare or nested under a common key) and
-safetensors files, both with a ``--model`` factory; whole pickled modules only with
+safetensors files, both with a ``--model`` factory; Hugging Face model folders (built from
+their ``config.json``, see :mod:`hesscli.loading.hf`); whole pickled modules only with
 ``--trust-pickle``. Everything else is read with ``torch.load(weights_only=True)``.
 """
 
@@ -312,7 +313,15 @@ def load_checkpoint(path: str | Path, settings: Settings) -> LoadedModel:
     if not p.exists():
         raise InputError(f"{what}: file not found; check the path")
     if p.is_dir():
-        raise InputError(f"{what}: is a folder, not a file; pass one checkpoint file (use 'hesscli scan' for a folder)")
+        from hesscli.loading.hf import WEIGHT_FILES, is_hf_folder, load_hf_folder
+
+        if is_hf_folder(p):
+            return load_hf_folder(p, settings)
+        if (p / "config.json").is_file():
+            raise InputError(f"{what}: has config.json but no weights ({', '.join(WEIGHT_FILES)}); point at the "
+                             f"folder save_pretrained wrote")
+        raise InputError(f"{what}: is a folder, not a file or a Hugging Face model folder (config.json + weights); "
+                         f"pass one checkpoint (use 'hesscli scan' for a folder of checkpoints)")
     if p.stat().st_size == 0:
         raise InputError(f"{what}: the file is empty; re-save or re-download it")
     sha = file_sha256(p)

@@ -18,7 +18,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from typer.testing import CliRunner
 
-from hesscli.cli import app
+from hesscli.cli import app, main
 
 transformers = pytest.importorskip("transformers")
 
@@ -159,3 +159,111 @@ def test_exact_trace_and_eigs_match_dense_hessian_for_every_batch_size(hf, name,
     for i in range(3):
         assert abs(got[("largest", i + 1)] - float(lam[-1 - i])) <= REL * scale
         assert abs(got[("smallest", i + 1)] - float(lam[i])) <= REL * scale
+
+
+def test_trainer_output_folder_is_a_series_ordered_by_step(hf):
+    """checkpoint-N/ folders: steps from trainer_state.json (else the name), numeric order, labelled by folder."""
+    import pandas as pd
+
+    root, models = hf
+    _, model = models["gpt2"]
+    run = root / "trainer_out"
+    for step, with_state in ((100, True), (5, True), (10, False)):
+        folder = run / f"checkpoint-{step}"
+        model.save_pretrained(folder)
+        if with_state:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.0}))
+    (run / "runs").mkdir()  # TensorBoard logs and other folders without a model are not checkpoints
+    out = root / "trainer_scan"
+    result = runner.invoke(app, ["scan", str(run), "--data", str(root / "gpt2.pt"), "--loss", "causal_lm",
+                                 "--analyses", "trace", "--method", "exact", "--batch-size", "2",
+                                 "--dtype", "float64", "--device", "cpu", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    runs = pd.read_parquet(out / "runs").sort_values("started_at", kind="stable")
+    assert list(runs["step"]) == [5, 10, 100]
+    assert [Path(c).name for c in runs["checkpoint"]] == ["checkpoint-5", "checkpoint-10", "checkpoint-100"]
+    assert runs["status"].eq("ok").all() and runs["checkpoint_sha256"].nunique() == 1  # the same weights
+    trace = pd.read_parquet(out / "trace")
+    whole = trace[trace["param_group"] == "all"]["estimate"]
+    assert len(whole) == 3 and whole.max() - whole.min() <= 1e-12 * whole.abs().max()
+
+
+def test_errors_speak_the_users_terms(hf, tmp_path, capsys):
+    root, models = hf
+    gpt2 = str(models["gpt2"][0])
+
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as ei:
+            main([*args, "--device", "cpu", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert ei.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+        return lines[0]
+
+    # per-token logits under a classification loss: says so, and names the token losses
+    text = error("trace", gpt2, "--data", str(root / "gpt2.pt"))
+    assert "per-token logits" in text and "--loss causal_lm" in text and "classes" in text
+    # dict samples without the target field
+    text = error("trace", gpt2, "--data", str(root / "llama.pt"), "--loss", "token_cross_entropy")
+    assert "no 'labels'" in text and "--target-key" in text and "--loss causal_lm" in text
+    # an output the model does not have
+    text = error("trace", gpt2, "--data", str(root / "gpt2.pt"), "--loss", "causal_lm", "--output", "hidden")
+    assert "--output hidden" in text and "logits" in text
+    # a folder with a config but no weights
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    text = error("trace", str(tmp_path / "empty"), "--data", str(root / "gpt2.pt"))
+    assert "config.json but no weights" in text
+    # token labels outside the vocabulary
+    bad = torch.load(root / "gpt2.pt")
+    bad["labels"] = bad["labels"].masked_fill(bad["labels"] == 3, VOCAB + 2)
+    torch.save(bad, tmp_path / "bad.pt")
+    text = error("trace", gpt2, "--data", str(tmp_path / "bad.pt"), "--loss", "causal_lm")
+    assert f"token labels range 0..{VOCAB + 2}" in text and f"{VOCAB} logits per token" in text
+
+
+def test_forward_args_and_a_callable_of_dict_samples(tmp_path):
+    """--forward-arg reaches forward(); a callable returning dict samples is stacked and split by --batch-size."""
+    (tmp_path / "net.py").write_text(
+        "import torch\n"
+        "class Scaled(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(3, 2)\n"
+        "    def forward(self, features, offset, scale=1.0):\n"
+        "        return {'logits': torch.tanh(self.lin(features)) * scale + offset}\n"
+        "def samples():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, o, y = torch.randn(7, 3, generator=g), torch.randn(7, 2, generator=g), torch.randn(7, 2, generator=g)\n"
+        "    return [{'features': x[i], 'offset': o[i], 'target': y[i]} for i in range(7)]\n"
+    )
+    torch.manual_seed(0)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("net_under_test", tmp_path / "net.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.Scaled().double()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    rows = mod.samples()
+    x = torch.stack([r["features"] for r in rows]).double()
+    o = torch.stack([r["offset"] for r in rows]).double()
+    y = torch.stack([r["target"] for r in rows]).double()
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in net.named_parameters()])
+
+    def f(theta):
+        ps = dict(zip(names, (t.reshape(s) for t, s in zip(theta.split([s.numel() for s in shapes]), shapes))))
+        return ((torch.tanh(functional_call(net.lin, {k[4:]: v for k, v in ps.items()}, (x,))) * 2.5 + o - y) ** 2).mean()
+
+    H = torch.autograd.functional.hessian(f, flat)
+    lam = torch.linalg.eigvalsh(H)
+    for batch_size in ("2", "7"):
+        doc = _cli("eigs", str(tmp_path / "net.pt"), "--model", f"{tmp_path / 'net.py'}:Scaled",
+                   "--data", f"{tmp_path / 'net.py'}:samples", "--target-key", "target", "--loss", "mse",
+                   "--forward-arg", "scale=2.5", "--top-k", "2", "--batch-size", batch_size,
+                   "--out", str(tmp_path / "out"))
+        got = doc["result"]["eigenvalues"]
+        assert abs(got[0] - float(lam[-1])) <= REL * float(lam.abs().max())
+        assert abs(got[1] - float(lam[-2])) <= REL * float(lam.abs().max())

@@ -234,7 +234,7 @@ ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="I/N: take part
 @app.command("scan")
 @with_common_options
 def scan_cmd(
-    target: Annotated[str, typer.Argument(help="Folder of checkpoints, or a glob such as 'runs/exp1/*.pt'.", show_default=False)],
+    target: Annotated[str, typer.Argument(help="Folder of checkpoints (files, or model folders such as a Trainer's checkpoint-N/), or a glob such as 'runs/exp1/*.pt'.", show_default=False)],
     *,
     analyses: AnalysesOpt = None, glob: GlobOpt = None, resume: ResumeOpt = None, shard: ShardOpt = None,
     method: MethodOpt = None, probes: ProbesOpt = None, trace_tol: ScanTraceTolOpt = None, tol: TolOpt = None,

@@ -66,7 +66,10 @@ class CurvatureMonitor:
         from hesscli.loading import problem_from_python
         from hesscli.results.parquet import write_outcomes
 
+        from hesscli.loading.batchnorm import batchnorm_layers
+
         was_training = model.training
+        tracking = [(m, m.track_running_stats) for m in batchnorm_layers(model)]
         try:
             problem = problem_from_python(model, self.loss, self.data, self.settings)
             problem.checkpoint.source = f"{self.name}@step={step}"
@@ -74,6 +77,8 @@ class CurvatureMonitor:
             outcomes = [analyse(problem, a, self.settings) for a in self.analyses]
         finally:
             model.train(was_training)
+            for m, track in tracking:  # --batchnorm batch switches tracking off while it measures
+                m.track_running_stats = track
         write_outcomes(self.settings.out, outcomes)
         self.history.extend(outcomes)
         return outcomes

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from hesscli.config import Settings
 from hesscli.errors import InputError
+from hesscli.loading.batchnorm import batchnorm_layers, running_statistics_gap, use_batch_statistics
 from hesscli.loading.checkpoint import load_checkpoint
 from hesscli.loading.data import load_data, make_dataset
 from hesscli.loading.forward import ModelCall
@@ -229,6 +230,10 @@ def build_problem(
 ) -> Problem:
     """Move the model to ``device``/``dtype`` in eval mode, select parameters, and validate.
 
+    BatchNorm layers use their running statistics (``settings.batchnorm == "running"``; a
+    warning is logged when that loss is far above the loss with batch statistics) or each
+    batch's own statistics (``"batch"``; running averages are never updated).
+
     Parameters are selected by ``settings.params`` globs (``fnmatch`` on names; all
     trainable ones when empty); parameters with ``requires_grad=False`` are excluded and
     listed in ``Problem.frozen``. Nothing else about the model is changed: ``requires_grad``
@@ -257,6 +262,19 @@ def build_problem(
     problem = Problem(model=model, loss=loss, data=data, params=params, frozen=frozen, device=device,
                       dtype=dtype, checkpoint=loaded, call=call)
     _validate(problem)
+    if settings.batchnorm == "batch":
+        if batchnorm_layers(model):
+            use_batch_statistics(model)
+            loaded.metadata["batchnorm"] = "batch"
+        else:
+            logger.info("--batchnorm batch: %s has no BatchNorm layer; nothing changes", model_name(model))
+    else:
+        gap = running_statistics_gap(model, problem.output, loss.fn, data.batches[0])
+        if gap is not None:
+            where = "the model" if loaded.source == "<python>" else f"checkpoint {loaded.source}"
+            logger.warning(
+                "%s: loss %.4g with BatchNorm running statistics (eval mode) but %.4g with batch statistics; "
+                "--batchnorm batch analyses the latter", where, gap[0], gap[1])
     return problem
 
 

@@ -35,6 +35,7 @@ from hesscli.loading import (
     step_from,
 )
 from hesscli.loading.checkpoint import NESTED_KEYS
+from hesscli.loading.model import build_model
 from hesscli.loading.loss import LOSSES
 
 CPU = torch.device("cpu")
@@ -408,6 +409,15 @@ def test_torchvision_import_failure_is_an_input_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # makes `import torchvision` raise ImportError
     message = _input_error(_data, Settings(data="torchvision:MNIST?root=/data&train=false"))
     assert "torchvision could not be imported" in message
+
+
+def test_a_torchvision_built_for_another_torch_is_named(tmp_path):
+    """A factory whose import fails the way a CUDA torchvision next to a CPU-only torch fails."""
+    (tmp_path / "zoo.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    message = _input_error(build_model, f"{tmp_path / 'zoo.py'}:resnet18")
+    assert "built for another torch" in message and torch.__version__ in message and "torchvision::nms" in message
+    (tmp_path / "other.py").write_text('raise RuntimeError("something else")\n')
+    assert "another torch" not in _input_error(build_model, f"{tmp_path / 'other.py'}:net")
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from hesscli.loading.checkpoint import torch_load
 from hesscli.loading.forward import batch_len
 from hesscli.loading.loss import IGNORE_INDEX
 from hesscli.loading.problem import Dataset
-from hesscli.loading.specs import load_callable, one_line, short
+from hesscli.loading.specs import build_mismatch, load_callable, one_line, short
 
 __all__ = ["load_data", "make_dataset", "select_indices", "shard_bounds", "KEY_PAIRS"]
 
@@ -108,6 +108,9 @@ def _torchvision(spec: str) -> TorchDataset:
         import torchvision
         from torchvision import transforms
     except Exception as e:  # a broken install raises RuntimeError/OSError, not only ImportError
+        mismatch = build_mismatch(e)
+        if mismatch:
+            raise InputError(f"--data {spec}: {mismatch}; or save the data as a .pt/.npz file") from e
         raise InputError(
             f"--data {spec}: torchvision could not be imported ({short(e)}); install a torchvision build "
             f"matching torch {torch.__version__}, or save the data as a .pt/.npz file"

@@ -267,3 +267,22 @@ def test_forward_args_and_a_callable_of_dict_samples(tmp_path):
         got = doc["result"]["eigenvalues"]
         assert abs(got[0] - float(lam[-1])) <= REL * float(lam.abs().max())
         assert abs(got[1] - float(lam[-2])) <= REL * float(lam.abs().max())
+
+
+def test_a_datasets_folder_is_the_same_data_as_the_tensors(hf, tmp_path, capsys):
+    """A folder from datasets' save_to_disk gives the same batches (hence the same trace) as the .pt dict."""
+    datasets = pytest.importorskip("datasets")
+    root, models = hf
+    tensors = torch.load(root / "gpt2.pt")
+    ds = datasets.Dataset.from_dict({k: v.tolist() for k, v in tensors.items()})
+    ds.save_to_disk(str(tmp_path / "val"))
+    common = [str(models["gpt2"][0]), "--loss", "causal_lm", "--method", "exact", "--batch-size", "2",
+              "--out", str(tmp_path / "out")]
+    from_folder = _cli("trace", *common, "--data", str(tmp_path / "val"))["result"]["estimate"]
+    from_file = _cli("trace", *common, "--data", str(root / "gpt2.pt"))["result"]["estimate"]
+    assert from_folder == pytest.approx(from_file, rel=1e-12)
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(tmp_path / "both"))
+    with pytest.raises(SystemExit) as ei:
+        main(["trace", *common, "--data", str(tmp_path / "both")])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and "several splits" in err and "both/train" in " ".join(err.split())

@@ -285,7 +285,10 @@ def _length(inputs: Any) -> int:
 
 def _datasets_folder(path: Path) -> bool:
     """A folder written by ``datasets.Dataset.save_to_disk``."""
-    return path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+    if not path.is_dir():
+        return False
+    one = (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+    return one or (path / "dataset_dict.json").is_file()
 
 
 def _load_datasets_folder(path: Path, source: str) -> Any:

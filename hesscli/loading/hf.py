@@ -12,6 +12,7 @@ the embedding matrix) are one parameter, as ``named_parameters()`` lists them.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from collections.abc import Iterator
@@ -171,8 +172,10 @@ def load_hf_folder(path: str | Path, settings: Settings) -> LoadedModel:
         cls = _model_class(settings.model, config, transformers, what)
         name = getattr(cls, "__name__", str(settings.model))
         kwargs = dict(settings.model_args)
+        if "weights_only" in inspect.signature(transformers.PreTrainedModel.from_pretrained).parameters:
+            kwargs["weights_only"] = not settings.trust_pickle  # pytorch_model.bin: tensors only unless trusted
         try:
-            model, info = cls.from_pretrained(str(p), config=config, local_files_only=True, weights_only=True,
+            model, info = cls.from_pretrained(str(p), config=config, local_files_only=True,
                                               output_loading_info=True, **kwargs)
         except InputError:
             raise

@@ -121,6 +121,7 @@ def test_hyper_parameters_build_the_module_and_a_required_object_is_named(tmp_pa
     assert loaded.model.net[0].out_features == 6  # hidden=6 came from the checkpoint
     cfg = loaded.model.hparams.cfg  # the placeholder was left out: LitNet's own default is used
     assert type(cfg).__name__ == "TrainConfig" and not isinstance(cfg, Placeholder) and cfg.lr == 0.1
+    capsys.readouterr()  # notes of the load above (logging as the previous command left it)
     (tmp_path / "req.py").write_text(LIT.replace("hidden: int = 3, cfg: TrainConfig = TrainConfig()",
                                                       "cfg: TrainConfig, hidden: int = 3"))
     with pytest.raises(SystemExit) as ei:

@@ -214,6 +214,9 @@ def test_errors_speak_the_users_terms(hf, tmp_path, capsys):
     (tmp_path / "empty" / "config.json").write_text("{}")
     text = error("trace", str(tmp_path / "empty"), "--data", str(root / "gpt2.pt"))
     assert "config.json but no weights" in text
+    # one weights file of a model folder, without --model
+    text = error("trace", str(models["bert"][0] / "model.safetensors"), "--data", str(root / "bert.pt"))
+    assert "Hugging Face model folder" in text and f"pass the folder {models['bert'][0]}" in text
     # token labels outside the vocabulary
     bad = torch.load(root / "gpt2.pt")
     bad["labels"] = bad["labels"].masked_fill(bad["labels"] == 3, VOCAB + 2)

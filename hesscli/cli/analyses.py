@@ -148,8 +148,10 @@ def run_single(command: str, checkpoint: Path, common: dict[str, Any], specific:
         settings = replace(settings, device=distributed.device_for(ctx, settings.device))
     problem = _load(checkpoint, settings, ctx)
     if ctx.is_main:
-        _note(settings, f"{problem.model.__class__.__name__} in eval mode (BatchNorm running statistics, dropout off); "
-                        f"{problem.n_params:,} parameters, {problem.data.n_total:,} samples, {problem.device}, "
+        bn = "batch" if settings.batchnorm == "batch" else "running"
+        tokens = f" ({problem.data.n_units:,} {problem.loss.unit})" if problem.loss.unit != "samples" else ""
+        _note(settings, f"{problem.model.__class__.__name__} in eval mode (BatchNorm {bn} statistics, dropout off); "
+                        f"{problem.n_params:,} parameters, {problem.data.n_total:,} samples{tokens}, {problem.device}, "
                         f"{str(problem.dtype).replace('torch.', '')}, backend {settings.backend}")
     reduce = ctx.all_reduce_sum if ctx.active else None
     total = expected_products(command, settings, problem.n_params)

@@ -378,6 +378,9 @@ def load_checkpoint(path: str | Path, settings: Settings) -> LoadedModel:
             raise InputError(f"{what}: not a readable safetensors file ({short(e)}); re-save it") from e
         if not state:
             raise InputError(f"{what}: the safetensors file holds no tensors")
+        if not settings.model and (p.parent / "config.json").is_file():
+            raise InputError(f"{what}: part of a Hugging Face model folder; pass the folder {p.parent} (its model is "
+                             f"built from config.json), or --model for this file alone")
         model = build_model(settings.model, settings.model_args,
                             needed_by=f"{what} is a safetensors file ({len(state)} tensors)")
         load_weights(model, state, source=str(path), spec=settings.model)

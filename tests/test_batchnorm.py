@@ -115,3 +115,14 @@ def test_batch_statistics_in_python_never_update_the_running_averages(stale):
     torch.testing.assert_close(first, second, rtol=1e-10, atol=1e-12)
     after = net.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # num_batches_tracked included
+
+
+def test_python_api_puts_batchnorm_back(stale):
+    import hesscli
+
+    _, net, x, y = stale
+    net = net.double()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    hesscli.trace(net, "cross_entropy", (x, y), method="exact", dtype="float64", batchnorm="batch")
+    assert net[1].track_running_stats and net[1].training == net.training
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())

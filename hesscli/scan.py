@@ -28,6 +28,14 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 
 
+TRAINER_FILES = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$")
+"""Files a Hugging Face Trainer writes next to its weights that hold no model."""
+
+
+def _trainer_file(path: Path) -> bool:
+    return bool(TRAINER_FILES.match(path.name))
+
+
 @dataclass(frozen=True)
 class CheckpointEntry:
     """One checkpoint of a scan, with the step used to order it (``None`` sorts last, by name)."""
@@ -68,7 +76,7 @@ def find_checkpoints(target: str | Path, pattern: str = "*", exclude: Sequence[s
         found = list(root.glob(pattern))
         paths = [p for p in found if p.is_file()]
         if pattern == "*":
-            paths = [p for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES]
+            paths = [p for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES and not _trainer_file(p)]
         folders = [p for p in found if p.is_dir() and is_hf_folder(p)]  # a Trainer's checkpoint-N/
         if is_hf_folder(root):  # a model folder itself (its weights are not separate checkpoints)
             paths = [root]

@@ -174,6 +174,7 @@ def test_trainer_output_folder_is_a_series_ordered_by_step(hf):
         if with_state:
             (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.0}))
     (run / "runs").mkdir()  # TensorBoard logs and other folders without a model are not checkpoints
+    torch.save({"learning_rate": 0.1}, run / "training_args.bin")  # a Trainer file that holds no model
     out = root / "trainer_scan"
     result = runner.invoke(app, ["scan", str(run), "--data", str(root / "gpt2.pt"), "--loss", "causal_lm",
                                  "--analyses", "trace", "--method", "exact", "--batch-size", "2",

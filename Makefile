@@ -14,6 +14,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[all,dev]"
+	@# backpack-for-pytorch pulls in torchvision (for its examples only). The torchvision that pip
+	@# resolves next to a CPU-only torch is a CUDA build that cannot import, and a torchvision that
+	@# cannot import also breaks transformers, so a broken one is removed.
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -y -q torchvision
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,7 +1,8 @@
 """hesscli: loss-curvature analysis of trained PyTorch models.
 
 Public API: analyses on ``(model, loss, data)`` returning result dataclasses, the
-training-loop monitor, and the error hierarchy.
+training-loop monitor, and the error hierarchy. ``hesscli.lightning.CurvatureCallback``
+(imported explicitly; needs Lightning) wraps the monitor for a Lightning ``Trainer``.
 """
 
 from __future__ import annotations

@@ -36,6 +36,10 @@ class Settings:
     max_samples: int | None = None
     trust_code: bool = False  # --trust-code: whole pickles and TorchScript archives may be loaded
     trust_pickle: bool = False  # older name of trust_code; the two always hold the same value
+    target_key: str = "labels"  # dict samples: the key held back as the loss target
+    forward_args: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments of forward
+    output: str | None = None  # which tensor of a ModelOutput/dict/tuple the loss sees (default: logits)
+    batchnorm: str = "running"  # running | batch  (BatchNorm statistics during the analysis)
     # curvature
     curvature: str = "hessian"  # hessian | ggn
     params: tuple[str, ...] = ()
@@ -93,13 +97,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("float32", "float64"),
     "method": ("hutchinson", "hutch++", "exact"),
     "which": ("largest", "smallest", "both"),
+    "batchnorm": ("running", "batch"),
 }
 """Allowed values of the options that take one of a fixed set of words."""
 
 POSITIVE: tuple[str, ...] = ("batch_size", "max_samples", "probes", "top_k", "max_iter", "iters", "runs", "grid")
 """Integer options that must be >= 1."""
 
-_ALIASES = {"model_arg": "model_args", "param": "params", "analysis": "analyses", "trust_pickle": "trust_code"}
+_ALIASES = {"model_arg": "model_args", "forward_arg": "forward_args", "param": "params", "analysis": "analyses",
+            "trust_pickle": "trust_code"}
+_DICTS = ("model_args", "forward_args")
 
 TRUST_KEYS: tuple[str, ...] = ("trust_code",)
 """Settings that allow running code from the inputs: taken from the command line or from a
@@ -347,7 +354,7 @@ def resolve(
                     value = _anchor_spec(key, value, base)
                 elif key == "out" and isinstance(value, Path) and not value.is_absolute():
                     value = base / value
-                if key == "model_args" and isinstance(values.get(key), dict):
+                if key in _DICTS and isinstance(values.get(key), dict):
                     value = {**values[key], **value}  # type: ignore[dict-item]
                 values[key] = value
                 origin[key] = f"{where}: {key.replace('_', '-')}"
@@ -356,11 +363,11 @@ def resolve(
         key = _ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))
         if key not in valid:
             raise TypeError(f"resolve() got an unknown setting {k!r}")
-        if raw is None or (isinstance(raw, (list, tuple, dict)) and not raw and key in ("params", "analyses", "model_args")):
+        if raw is None or (isinstance(raw, (list, tuple, dict)) and not raw and key in ("params", "analyses", *_DICTS)):
             continue
-        where = _option_name(key if key != "model_args" else "model_arg")
+        where = _option_name({"model_args": "model_arg", "forward_args": "forward_arg"}.get(key, key))
         value = _coerce(key, raw, where)
-        if key == "model_args" and isinstance(values.get(key), dict):
+        if key in _DICTS and isinstance(values.get(key), dict):
             value = {**values[key], **value}  # type: ignore[dict-item]
         values[key] = value
         origin[key] = where

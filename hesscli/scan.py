@@ -32,6 +32,14 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 
 
+TRAINER_FILES = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$")
+"""Files a Hugging Face Trainer writes next to its weights that hold no model."""
+
+
+def _trainer_file(path: Path) -> bool:
+    return bool(TRAINER_FILES.match(path.name))
+
+
 @dataclass(frozen=True)
 class CheckpointEntry:
     """One checkpoint of a scan, with the step used to order it (``None`` sorts last, by name)."""
@@ -131,6 +139,8 @@ def _glob(root: Path, pattern: str) -> list[Path]:
 def find_checkpoints(target: str | Path, pattern: str = "*", exclude: Sequence[str | Path] = ()) -> list[Path]:
     """Checkpoint files under a folder (matching ``pattern``) or matching a glob.
 
+    Hugging Face model folders count as one checkpoint each: the folder itself, and its
+    subfolders that hold ``config.json`` + weights (a Trainer's ``checkpoint-N/``).
     ``exclude`` names files that are never checkpoints (the ``--data`` file when it sits in the
     same folder). A file reached twice (through a link to a folder or to the file, or a link
     loop under ``**``) is listed once, under its first name.
@@ -138,12 +148,19 @@ def find_checkpoints(target: str | Path, pattern: str = "*", exclude: Sequence[s
     Raises:
         InputError: nothing found.
     """
+    from hesscli.loading.hf import is_hf_folder
+
     target_s = str(target)
     if Path(target_s).is_dir():
         root = Path(target_s)
         paths = _glob(root, pattern)
+        found = [p for p in root.glob(pattern) if p.is_dir()] if "**" not in pattern else []
         if pattern == "*":
-            paths = [p for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES]
+            paths = [p for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES and not _trainer_file(p)]
+        folders = [p for p in found if p.is_dir() and is_hf_folder(p)]  # a Trainer's checkpoint-N/
+        if is_hf_folder(root):  # a model folder itself (its weights are not separate checkpoints)
+            paths = [root]
+        paths += folders
     elif Path(target_s).is_file():
         paths = [Path(target_s)]
     else:
@@ -158,7 +175,7 @@ def find_checkpoints(target: str | Path, pattern: str = "*", exclude: Sequence[s
             rel = str(Path(target_s).relative_to(root)) if anchor else target_s
             paths = _glob(root, rel)
         else:
-            paths = [Path(p) for p in globlib.glob(target_s, recursive=True) if Path(p).is_file()]
+            paths = [Path(p) for p in globlib.glob(target_s, recursive=True) if Path(p).is_file() or is_hf_folder(p)]
     skip = {Path(e).resolve() for e in exclude}
     unique: dict[Path, Path] = {}
     for p in sorted(paths, key=lambda q: (len(q.parts), str(q))):
@@ -168,7 +185,8 @@ def find_checkpoints(target: str | Path, pattern: str = "*", exclude: Sequence[s
     paths = list(unique.values())
     if not paths:
         raise InputError(
-            f"{path_text(target_s)}: no checkpoint files found (looked for {', '.join(CHECKPOINT_SUFFIXES)}"
+            f"{path_text(target_s)}: no checkpoint files found (looked for {', '.join(CHECKPOINT_SUFFIXES)} and model "
+            f"folders with config.json"
             f"{'' if pattern == '*' else f' matching --glob {pattern!r}'}); point at a folder of checkpoints or a glob"
         )
     return sorted(paths)
@@ -176,6 +194,10 @@ def find_checkpoints(target: str | Path, pattern: str = "*", exclude: Sequence[s
 
 def _metadata_step(path: Path) -> int | None:
     """Step from the checkpoint's own metadata, read without building a model (weights only)."""
+    if path.is_dir():
+        from hesscli.loading.hf import folder_step
+
+        return folder_step(path)
     if path.suffix == ".safetensors":
         return None
     try:
@@ -193,9 +215,9 @@ def _metadata_step(path: Path) -> int | None:
 
 
 def order_checkpoints(paths: Sequence[Path]) -> list[CheckpointEntry]:
-    """Order by step: checkpoint metadata (``step``, ``global_step``) first, then the file name
-    (``step=1500``, ``epoch=3-step=200``, ``ckpt_000500``, ``model_step200``, ``epoch_3``);
-    checkpoints without a step go last, by name."""
+    """Order by step: checkpoint metadata (``step``, ``global_step``; ``trainer_state.json`` of a model
+    folder) first, then the file or folder name (``step=1500``, ``epoch=3-step=200``, ``ckpt_000500``,
+    ``model_step200``, ``epoch_3``, ``checkpoint-500``); checkpoints without a step go last, by name."""
     from hesscli.loading import step_from
 
     entries = []
@@ -229,6 +251,10 @@ def take_shard(entries: Sequence[CheckpointEntry], spec: str | None) -> list[Che
 
 
 def sha256_of(path: Path) -> str:
+    if path.is_dir():
+        from hesscli.loading.hf import folder_sha256
+
+        return folder_sha256(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -28,7 +28,8 @@ def test_command_is_in_the_readme_and_has_help_with_an_example(command):
 
 @pytest.mark.parametrize("option", ["--data", "--model", "--model-arg", "--loss", "--batch-size", "--max-samples",
                                     "--curvature", "--params", "--backend", "--device", "--dtype", "--seed", "--out",
-                                    "--config", "--trust-pickle", "--json", "--quiet"])
+                                    "--config", "--trust-pickle", "--json", "--quiet", "--target-key", "--forward-arg",
+                                    "--output", "--batchnorm"])
 def test_common_options_are_documented_and_accepted(option):
     assert option in README
     result = runner.invoke(app, ["eigs", "--help"])

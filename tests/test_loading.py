@@ -35,6 +35,7 @@ from hesscli.loading import (
     step_from,
 )
 from hesscli.loading.checkpoint import NESTED_KEYS
+from hesscli.loading.model import build_model
 from hesscli.loading.loss import LOSSES
 
 CPU = torch.device("cpu")
@@ -410,6 +411,15 @@ def test_torchvision_import_failure_is_an_input_error(monkeypatch):
     assert "torchvision could not be imported" in message
 
 
+def test_a_torchvision_built_for_another_torch_is_named(tmp_path):
+    """A factory whose import fails the way a CUDA torchvision next to a CPU-only torch fails."""
+    (tmp_path / "zoo.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    message = _input_error(build_model, f"{tmp_path / 'zoo.py'}:resnet18")
+    assert "built for another torch" in message and torch.__version__ in message and "torchvision::nms" in message
+    (tmp_path / "other.py").write_text('raise RuntimeError("something else")\n')
+    assert "another torch" not in _input_error(build_model, f"{tmp_path / 'other.py'}:net")
+
+
 @pytest.fixture
 def fake_torchvision(monkeypatch):
     """A stand-in torchvision whose dataset records its arguments."""
@@ -465,6 +475,12 @@ def _loss_case(name: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tenso
         return out, real, F.mse_loss(out, real)
     if name == "huber":
         return out, 2 * real, F.huber_loss(out, 2 * real)
+    if name in ("causal_lm", "token_cross_entropy"):  # [batch 2, sequence 3, vocabulary 4]; -100 left out
+        logits, labels = out.reshape(2, 3, 4), cls.reshape(2, 3).clone()
+        labels[0, 2] = labels[1, 0] = -100
+        if name == "causal_lm":
+            return logits, labels, F.cross_entropy(logits[:, :-1].reshape(-1, 4), labels[:, 1:].reshape(-1))
+        return logits, labels, F.cross_entropy(logits.reshape(-1, 4), labels.reshape(-1))
     binary = (real > 0).double()
     return out, binary, F.binary_cross_entropy_with_logits(out, binary)
 
@@ -501,6 +517,8 @@ def test_losses_are_twice_differentiable_by_func_and_autograd(name):
     net = nn.Linear(3, 4).double()
     x = torch.randn(6, 3, generator=g, dtype=torch.float64)
     _, target, _ = _loss_case(name, g)
+    if target.ndim == 2 and not target.is_floating_point():  # token labels [2, 3]: per-token logits
+        x = x.reshape(2, 3, 3)
     if name == "nll":
         net = nn.Sequential(net, nn.LogSoftmax(dim=1))
     fn = load_loss(name).fn
@@ -526,7 +544,8 @@ def test_losses_are_twice_differentiable_by_func_and_autograd(name):
 
 
 def test_loss_specs(tiny):
-    assert [load_loss(n).is_classification for n in LOSSES] == [True, False, True, True, False]
+    assert [load_loss(n).is_classification for n in LOSSES] == [True, False, True, True, False, False, False]
+    assert [load_loss(n).unit for n in LOSSES] == ["samples"] * 5 + ["tokens"] * 2
     message = _input_error(load_loss, "hinge")
     assert "unknown loss" in message and "cross_entropy" in message and "huber" in message
     custom = load_loss(tiny.factory("sq_loss"))
@@ -631,14 +650,30 @@ def test_targets_incompatible_with_loss(tiny):
     assert "class targets range 3..5 but the model outputs 3 classes" in message
 
 
-def test_model_returning_a_tuple(tiny):
+def test_model_returning_a_tuple_or_dict(tiny):
+    """Tuple outputs give their first element, dict outputs their logits, unless --output says otherwise."""
+
     class Pair(nn.Module):
         def forward(self, x):
-            return x, x
+            return x, 2 * x
 
-    message = _input_error(problem_from_python, nn.Sequential(nn.Linear(4, 3), Pair()), "mse",
-                           (tiny.inputs, tiny.inputs[:, :3]))
-    assert "returns a tuple" in message
+    class Named(nn.Module):
+        def forward(self, x):
+            return {"hidden": x, "logits": 3 * x}
+
+    net, data = nn.Linear(4, 3), (tiny.inputs, tiny.inputs[:, :3])
+    x = tiny.inputs[:5]
+    with torch.no_grad():
+        first = problem_from_python(nn.Sequential(net, Pair()), "mse", data)
+        torch.testing.assert_close(first.output(x), net(x))
+        second = problem_from_python(nn.Sequential(net, Pair()), "mse", data, Settings(output="1"))
+        torch.testing.assert_close(second.output(x), 2 * net(x))
+        logits = problem_from_python(nn.Sequential(net, Named()), "mse", data)
+        torch.testing.assert_close(logits.output(x), 3 * net(x))
+    message = _input_error(problem_from_python, nn.Sequential(net, Pair()), "mse", data, Settings(output="5"))
+    assert "--output 5" in message and "tuple of only 2" in message
+    message = _input_error(problem_from_python, nn.Sequential(net, Named()), "mse", data, Settings(output="loss"))
+    assert "--output loss" in message and "['hidden', 'logits']" in message
 
 
 def test_nan_weights_and_nan_loss(tiny):

@@ -119,12 +119,29 @@ def check_supported(backend: Any, analysis: str, settings: Settings) -> None:
         raise UnsupportedAnalysis(f"--backend {name} cannot compute the smallest eigenvalue needed by 'extremes'")
 
 
+def _check_backend_fits(backend: Any, problem: Problem) -> None:
+    """Third-party backends call ``model(x)`` on tensors and weight batches by sample count only."""
+    if getattr(backend, "name", "native") == "native":
+        return
+    data, loss = problem.data, problem.loss
+    if data.input_keys or problem.call.forward_args or problem.call.output is not None:
+        how = f"on dict inputs ({', '.join(data.input_keys)})" if data.input_keys else "with --forward-arg/--output"
+        raise UnsupportedAnalysis(f"--backend {backend.name} cannot call the model {how}; use --backend native")
+    if loss.count is not None:
+        raise UnsupportedAnalysis(
+            f"--backend {backend.name} weights batches by samples, not by the {loss.unit} that --loss {loss.name} "
+            f"averages over; use --backend native"
+        )
+
+
 @torch.no_grad()
 def loss_value(problem: Problem, reduce: Reduce | None = None) -> float:
     """Mean loss over the dataset (all ranks)."""
     total = torch.zeros((), dtype=torch.float64, device=problem.device)
-    for x, y in problem.data.batches:
-        total += y.shape[0] / problem.data.n_total * problem.loss.fn(problem.model(x), y).to(torch.float64)
+    data = problem.data
+    weights = data.weights if len(data.weights) == len(data.batches) else [len(y) / data.n_total for _, y in data.batches]
+    for (x, y), w in zip(data.batches, weights):
+        total += w * problem.loss.fn(problem.output(x), y).to(torch.float64)
     if reduce is not None:
         total = reduce(total.reshape(1)).reshape(())
     return float(total)
@@ -187,6 +204,7 @@ def analyse(problem: Problem, analysis: str, settings: Settings, *, reduce: Redu
         backend = get_backend(settings.backend, **kwargs)
     settings = with_backend_defaults(backend, analysis, settings)
     check_supported(backend, analysis, settings)
+    _check_backend_fits(backend, problem)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     generator = torch.Generator().manual_seed(settings.seed)
@@ -222,9 +240,17 @@ def _settings(options: dict[str, Any]) -> Settings:
 def _python(analysis: str, model: nn.Module, loss: Any, data: Any, options: dict[str, Any]):
     from hesscli.loading import problem_from_python
 
+    from hesscli.loading.batchnorm import batchnorm_layers
+
     settings = _settings(options)
-    problem = problem_from_python(model, loss, data, settings)
-    return analyse(problem, analysis, settings).result
+    tracking = [(m, m.track_running_stats) for m in batchnorm_layers(model)]
+    try:
+        problem = problem_from_python(model, loss, data, settings)
+        return analyse(problem, analysis, settings).result
+    finally:  # batchnorm="batch" switches BatchNorm layers to batch statistics for the analysis only
+        for m, track in tracking:
+            m.track_running_stats = track
+            m.train(model.training)
 
 
 def trace(model: nn.Module, loss: Any, data: Any, **options: Any) -> TraceResult:

@@ -25,6 +25,10 @@ COMMON: dict[str, Any] = {
     "model": o.ModelOpt,
     "model_arg": o.ModelArgOpt,
     "loss": o.LossOpt,
+    "target_key": o.TargetKeyOpt,
+    "forward_arg": o.ForwardArgOpt,
+    "output": o.OutputOpt,
+    "batchnorm": o.BatchnormOpt,
     "batch_size": o.BatchSizeOpt,
     "max_samples": o.MaxSamplesOpt,
     "curvature": o.CurvatureOpt,
@@ -55,7 +59,7 @@ RunsOpt = Annotated[Optional[int], typer.Option("--runs", min=1, help="Independe
 SigmaOpt = Annotated[Optional[float], typer.Option("--sigma", min=0.0, help="Gaussian broadening of the density (default: from the spectrum's range).")]
 GridOpt = Annotated[Optional[int], typer.Option("--grid", min=10, help="Density grid points. Default 1000.")]
 HvpOpt = Annotated[Optional[str], typer.Option("--hvp", help="Native product path: auto (default) | func | autograd.")]
-CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (state_dict or safetensors with --model; TorchScript or a pickled module with --trust-code).", show_default=False)]
+CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (state_dict or safetensors with --model; TorchScript or a pickled module with --trust-code) or a Hugging Face model folder (config.json + weights).", show_default=False)]
 
 
 def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -167,8 +171,10 @@ def run_single(command: str, checkpoint: Path, common: dict[str, Any], specific:
         prepare_out(settings.out)
     problem = _load(checkpoint, settings, ctx)
     if ctx.is_main:
-        _note(settings, f"{problem.model.__class__.__name__} in eval mode (BatchNorm running statistics, dropout off); "
-                        f"{problem.n_params:,} parameters, {problem.data.n_total:,} samples, {problem.device}, "
+        bn = "batch" if settings.batchnorm == "batch" else "running"
+        tokens = f" ({problem.data.n_units:,} {problem.loss.unit})" if problem.loss.unit != "samples" else ""
+        _note(settings, f"{problem.model.__class__.__name__} in eval mode (BatchNorm {bn} statistics, dropout off); "
+                        f"{problem.n_params:,} parameters, {problem.data.n_total:,} samples{tokens}, {problem.device}, "
                         f"{str(problem.dtype).replace('torch.', '')}, backend {settings.backend}")
     reduce = ctx.all_reduce_sum if ctx.active else None
     total = expected_products(command, settings, problem.n_params)
@@ -256,7 +262,7 @@ ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="I/N: take part
 @app.command("scan")
 @with_common_options
 def scan_cmd(
-    target: Annotated[str, typer.Argument(help="Folder of checkpoints, or a glob such as 'runs/exp1/*.pt'.", show_default=False)],
+    target: Annotated[str, typer.Argument(help="Folder of checkpoints (files, or model folders such as a Trainer's checkpoint-N/), or a glob such as 'runs/exp1/*.pt'.", show_default=False)],
     *,
     analyses: AnalysesOpt = None, glob: GlobOpt = None, resume: ResumeOpt = None, shard: ShardOpt = None,
     method: MethodOpt = None, probes: ProbesOpt = None, trace_tol: ScanTraceTolOpt = None, tol: TolOpt = None,

@@ -53,6 +53,9 @@ def settings_from(command: str, **flag_values: Any) -> Settings:
     model_arg = flag_values.pop("model_arg", None)
     if model_arg:
         flag_values["model_args"] = parse_model_args(model_arg)
+    forward_arg = flag_values.pop("forward_arg", None)
+    if forward_arg:
+        flag_values["forward_args"] = parse_model_args(forward_arg, source="--forward-arg")
     # logging from the flags alone first, so that what resolving says reaches stderr
     setup_logging(quiet=bool(flag_values.get("quiet") or flag_values.get("json")), debug=bool(flag_values.get("debug")))
     config_path = find_config(Path(config) if config is not None else None)

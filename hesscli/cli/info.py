@@ -15,6 +15,10 @@ def info(
     model: o.ModelOpt = None,
     model_arg: o.ModelArgOpt = None,
     loss: o.LossOpt = None,
+    target_key: o.TargetKeyOpt = None,
+    forward_arg: o.ForwardArgOpt = None,
+    output: o.OutputOpt = None,
+    batchnorm: o.BatchnormOpt = None,
     batch_size: o.BatchSizeOpt = None,
     max_samples: o.MaxSamplesOpt = None,
     trust_code: o.TrustCodeOpt = None,
@@ -36,7 +40,8 @@ def info(
         hesscli info ckpt.pt --model model.py:Net --data data.pt
     """
     settings = settings_from(
-        "info", data=data, model=model, model_arg=model_arg, loss=loss, batch_size=batch_size,
+        "info", data=data, model=model, model_arg=model_arg, loss=loss, target_key=target_key,
+        forward_arg=forward_arg, output=output, batchnorm=batchnorm, batch_size=batch_size,
         max_samples=max_samples, trust_code=trust_code, params=params, device=device, dtype=dtype, seed=seed,
         config=config, debug=debug, json=as_json, quiet=quiet,
     )

@@ -17,6 +17,10 @@ __all__ = [
     "ModelOpt",
     "ModelArgOpt",
     "LossOpt",
+    "TargetKeyOpt",
+    "ForwardArgOpt",
+    "OutputOpt",
+    "BatchnormOpt",
     "BatchSizeOpt",
     "MaxSamplesOpt",
     "CurvatureOpt",
@@ -43,7 +47,7 @@ CheckpointArg = Annotated[
     Path,
     typer.Argument(
         help="Checkpoint file: state_dict (.pt/.pth/.ckpt) or .safetensors with --model; a TorchScript archive "
-        "or a pickled module with --trust-code.",
+        "or a pickled module with --trust-code; or a Hugging Face model folder (config.json + weights).",
         show_default=False,
     ),
 ]
@@ -82,12 +86,35 @@ LossOpt = Annotated[
     Optional[str],
     typer.Option(
         "--loss",
-        help="cross_entropy (default) | mse | bce_with_logits | nll | huber | pkg.module:callable | "
+        help="cross_entropy (default) | mse | bce_with_logits | nll | huber | causal_lm | token_cross_entropy | "
+        "pkg.module:callable | "
         "file.py:callable taking (outputs, targets).",
         metavar="NAME|SPEC",
         rich_help_panel=INPUTS,
         show_default=False,
     ),
+]
+TargetKeyOpt = Annotated[
+    Optional[str],
+    typer.Option("--target-key", help="Dict samples: the key held back as the loss target; the rest are passed "
+                 "as model(**inputs). Default labels.", metavar="KEY", rich_help_panel=INPUTS, show_default=False),
+]
+ForwardArgOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--forward-arg", help="Fixed keyword argument of the model's forward, KEY=VALUE (value read as a "
+                 "Python literal); repeatable.", metavar="KEY=VALUE", rich_help_panel=INPUTS, show_default=False),
+]
+OutputOpt = Annotated[
+    Optional[str],
+    typer.Option("--output", help="Which output the loss sees when the model returns a ModelOutput/dict (a key) "
+                 "or tuple (an index). Default logits (first element of a tuple).", metavar="KEY",
+                 rich_help_panel=INPUTS, show_default=False),
+]
+BatchnormOpt = Annotated[
+    Optional[str],
+    typer.Option("--batchnorm", help="BatchNorm statistics: running (default, eval mode) | batch (each batch's own "
+                 "statistics; running averages are never updated).", metavar="running|batch",
+                 rich_help_panel=INPUTS, show_default=False),
 ]
 BatchSizeOpt = Annotated[
     Optional[int],

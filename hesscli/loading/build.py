@@ -6,6 +6,7 @@ import copy
 import fnmatch
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ from torch.utils.data import Dataset as TorchDataset
 
 from hesscli.config import Settings
 from hesscli.errors import InputError
+from hesscli.loading.batchnorm import batchnorm_layers, running_statistics_gap, use_batch_statistics
 from hesscli.loading.checkpoint import load_checkpoint
 from hesscli.loading.data import load_data, make_dataset
+from hesscli.loading.forward import ModelCall
 from hesscli.loading.loss import check_targets, load_loss
 from hesscli.loading.problem import Dataset, LoadedModel, LossFn, LossSpec, Problem
 from hesscli.loading.specs import one_line
@@ -31,6 +34,7 @@ __all__ = [
     "model_name",
     "distributed_context",
     "private_copy",
+    "weigh_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,36 +130,44 @@ def _check_finite(model: nn.Module, source: str) -> None:
                 raise InputError(f"{where}: {kind} {name} contains {bad}; the weights are diverged or corrupt")
 
 
+def _tensors(inputs: Any) -> list[tuple[str, Tensor]]:
+    if isinstance(inputs, Mapping):
+        return [(f"field {k!r}", v) for k, v in inputs.items() if isinstance(v, Tensor)]
+    return [("inputs", inputs)]
+
+
+def _describe_inputs(x: Any) -> str:
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k}: {_shape(v)}" for k, v in x.items()) + "}"
+    return f"of shape {_shape(x)} ({str(x.dtype).removeprefix('torch.')})"
+
+
 def _validate(problem: Problem) -> None:
     """One forward on the first batch: inputs fit the model, targets fit the loss, finite loss."""
     model, data, loss = problem.model, problem.data, problem.loss
     if not data.batches:
         raise InputError(f"--data {data.source}: no samples on this process")
     _check_finite(model, problem.checkpoint.source)
-    for what, pos in (("inputs", 0), ("targets", 1)):
-        seen = 0
-        for batch in data.batches:
-            t = batch[pos]
+    seen = 0
+    for x, y in data.batches:
+        for what, t in _tensors(x) + [("targets", y)]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad = seen + int(torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).all(dim=1))[0])
                 raise InputError(f"--data {data.source}: {what} contain NaN/Inf (first at sample {bad} of the "
                                  f"selection); clean the data")
-            seen += len(t)
+        seen += len(y)
     x, y = data.batches[0]
     name = model_name(model)
     with torch.no_grad():
         try:
-            out = model(x)
+            out = problem.call(model, x)
+        except InputError:
+            raise
         except Exception as e:
             raise InputError(
-                f"--data {data.source}: inputs of shape {_shape(x)} ({str(x.dtype).removeprefix('torch.')}) do not "
-                f"fit {name}: {one_line(e)[:300]}; check --data and --model"
+                f"--data {data.source}: inputs {_describe_inputs(x)} do not fit {name}: {one_line(e)[:300]}; "
+                f"check --data and --model"
             ) from e
-        if not isinstance(out, Tensor):
-            raise InputError(
-                f"model {name} returns a {type(out).__name__}; the loss needs a single output tensor "
-                f"(wrap the model so forward returns the logits/predictions)"
-            )
         problem_text = None
         for _, yb in data.batches:
             problem_text = check_targets(loss, out, yb)
@@ -180,6 +192,35 @@ def _validate(problem: Problem) -> None:
                          f"the checkpoint")
 
 
+def weigh_batches(data: Dataset, loss: LossSpec) -> None:
+    """Set each batch's weight in the dataset mean: its share of the loss terms of all processes.
+
+    Terms are samples, or the counted (non-ignored) tokens for token losses, so the analysed
+    function is the mean over all terms of the whole selection whatever the batch size.
+
+    Raises:
+        InputError: a token loss with no token left to count.
+    """
+    if loss.count is None:
+        counts = [float(len(y)) for _, y in data.batches]
+        total = float(data.n_total)
+    else:
+        counts = [float(loss.count(y)) for _, y in data.batches]
+        t = torch.tensor(sum(counts), dtype=torch.float64,
+                         device=data.batches[0][1].device if data.batches else "cpu")
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        total = float(t)
+        if total == 0:
+            raise InputError(
+                f"--data {data.source} with --loss {loss.name}: every token label is -100 (or padding), so no token "
+                f"is left to average over; check the labels and attention_mask"
+            )
+    data.weights = [c / total for c in counts]
+    data.n_units = int(total)
+
+
 def build_problem(
     loaded: LoadedModel,
     data: Dataset,
@@ -190,6 +231,10 @@ def build_problem(
     dtype: torch.dtype,
 ) -> Problem:
     """Move the model to ``device``/``dtype`` in eval mode, select parameters, and validate.
+
+    BatchNorm layers use their running statistics (``settings.batchnorm == "running"``; a
+    warning is logged when that loss is far above the loss with batch statistics) or each
+    batch's own statistics (``"batch"``; running averages are never updated).
 
     Parameters are selected by ``settings.params`` globs (``fnmatch`` on names; all
     trainable ones when empty); parameters with ``requires_grad=False`` are excluded and
@@ -214,9 +259,24 @@ def build_problem(
     model.to(device=device, dtype=dtype)
     model.eval()
     params, frozen = _select_params(model, tuple(settings.params))
+    call = ModelCall(forward_args=dict(settings.forward_args), output=settings.output)
+    weigh_batches(data, loss)
     problem = Problem(model=model, loss=loss, data=data, params=params, frozen=frozen, device=device,
-                      dtype=dtype, checkpoint=loaded)
+                      dtype=dtype, checkpoint=loaded, call=call)
     _validate(problem)
+    if settings.batchnorm == "batch":
+        if batchnorm_layers(model):
+            use_batch_statistics(model)
+            loaded.metadata["batchnorm"] = "batch"
+        else:
+            logger.info("--batchnorm batch: %s has no BatchNorm layer; nothing changes", model_name(model))
+    else:
+        gap = running_statistics_gap(model, problem.output, loss.fn, data.batches[0])
+        if gap is not None:
+            where = "the model" if loaded.source == "<python>" else f"checkpoint {loaded.source}"
+            logger.warning(
+                "%s: loss %.4g with BatchNorm running statistics (eval mode) but %.4g with batch statistics; "
+                "--batchnorm batch analyses the latter", where, gap[0], gap[1])
     return problem
 
 
@@ -369,17 +429,20 @@ def problem_from_python(
     else:
         raise InputError(f"loss must be a loss name or a callable (outputs, targets) -> loss, got {type(loss).__name__}")
     if isinstance(data, Dataset):
+        def place(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
         dataset = Dataset(
-            batches=[(x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype),
-                      y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)) for x, y in data.batches],
+            batches=[({k: place(v) for k, v in x.items()} if isinstance(x, Mapping) else place(x), place(y))
+                     for x, y in data.batches],
             n_samples=data.n_samples, n_total=data.n_total, source=data.source, input_shape=data.input_shape,
-            target_shape=data.target_shape, target_dtype=data.target_dtype,
+            target_shape=data.target_shape, target_dtype=data.target_dtype, input_keys=data.input_keys,
         )
     elif isinstance(data, (tuple, list, dict, TorchDataset, DataLoader)):
         rank, world_size = distributed_context()
         dataset = make_dataset(data, source="<python>", batch_size=settings.batch_size,
                                max_samples=settings.max_samples, seed=settings.seed, device=device, dtype=dtype,
-                               rank=rank, world_size=world_size)
+                               rank=rank, world_size=world_size, target_key=settings.target_key, loss=spec.name)
     else:
         raise InputError(
             f"data is a {type(data).__name__}; pass (inputs, targets), a torch Dataset, a DataLoader or a "

@@ -1,8 +1,9 @@
 """Read a checkpoint file into a model on the CPU, safely.
 
 Formats: state_dicts (bare or nested under a common key) and safetensors files, both with a
-``--model`` factory; whole pickled modules and TorchScript archives (both are code) only with
-``--trust-code`` (alias ``--trust-pickle``). Everything else is read with
+``--model`` factory; Hugging Face model folders (built from their ``config.json``, see
+:mod:`hesscli.loading.hf`); whole pickled modules and TorchScript archives (both are code) only
+with ``--trust-code`` (alias ``--trust-pickle``). Everything else is read with
 ``torch.load(weights_only=True)``.
 """
 
@@ -35,6 +36,7 @@ NESTED_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net"
 """Keys under which training loops commonly store the model's weights (searched in this order)."""
 
 _STEP_RE = re.compile(r"(?:^|[^a-z])(?:global_?)?step[=_-]?(\d+)", re.IGNORECASE)
+_METRIC_RE = re.compile(r"([A-Za-z][\w/]*)=[-+]?\d*\.?\d+(?:e[-+]?\d+)?$", re.IGNORECASE)
 _EPOCH_RE = re.compile(r"(?:^|[^a-z])epoch[=_-]?(\d+)", re.IGNORECASE)
 _TRAILING_RE = re.compile(r"(?:^|[_.=-]|(?:iter|iteration|it|ckpt|checkpoint))(\d+)$", re.IGNORECASE)
 _PICKLE_RISK = (
@@ -84,6 +86,9 @@ def _name_step(path: str | Path) -> int | None:
     hits = _STEP_RE.findall(stem)
     if hits:
         return int(hits[-1])
+    metric = _METRIC_RE.search(stem)
+    if metric and not re.fullmatch(r"(?:global_?)?step|iter(?:ation)?|it|ckpt|checkpoint", metric.group(1), re.I):
+        return None  # "val_loss=0.32", "acc=97": a metric in the name is never a step
     m = _TRAILING_RE.search(stem)
     epochs = list(_EPOCH_RE.finditer(stem))
     if m and not (epochs and epochs[-1].end() == len(stem)):  # "epoch_3" is an epoch, not a step
@@ -118,6 +123,8 @@ def step_from(path: str | Path, metadata: Mapping[str, object] | None) -> int | 
         500
         >>> step_from("last.pt", {"global_step": 1200, "epoch": 7})
         1200
+        >>> step_from("epoch=2-val_loss=0.32.ckpt", None)  # a metric is not a step; the epoch is used
+        2
     """
     meta = metadata or {}
     for key in ("step", "global_step"):
@@ -209,6 +216,10 @@ def _pickle_globals(path: Path) -> list[str] | None:
         return None
 
 
+class ObjectsRefused(InputError):
+    """Weights-only loading refused a well-formed file because it pickles Python objects."""
+
+
 def torch_load(path: Path, *, trust_pickle: bool, what: str, safe_globals: list[Any] | None = None) -> Any:
     """``torch.load`` on the CPU: ``weights_only=True`` unless ``trust_pickle``.
 
@@ -238,7 +249,7 @@ def torch_load(path: Path, *, trust_pickle: bool, what: str, safe_globals: list[
             found = _pickle_globals(path)
             if found is not None:  # a well-formed pickle that needs more than tensors and containers
                 named = f" ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})" if found else ""
-                raise InputError(
+                raise ObjectsRefused(
                     f"{what}: contains pickled Python objects{named} that safe (weights-only) loading refuses; "
                     f"{_PICKLE_RISK}"
                 ) from e
@@ -301,13 +312,35 @@ def _describe(obj: object) -> str:
     return f"a {type(obj).__name__}"
 
 
+def _weights_without_code(path: Path, what: str, refused: InputError) -> Any:
+    """The file read by the restricted unpickler, when that yields a state_dict (a Lightning ``.ckpt`` whose
+    ``hyper_parameters`` or callback state hold objects); else the weights-only refusal stands."""
+    from hesscli.loading.safepickle import placeholders_in, restricted_load
+
+    try:
+        obj = restricted_load(path)
+    except Exception:  # noqa: BLE001 - not readable this way either: the refusal explains the file best
+        raise refused from None
+    found, _ = _find_weights(obj)
+    if found is None or isinstance(found, nn.Module):
+        raise refused
+    names = placeholders_in(obj)
+    logger.info("%s: read without running code; not unpickled: %s", what,
+                ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""))
+    return obj
+
+
 def load_checkpoint(path: str | Path, settings: Settings) -> LoadedModel:
     """Read a checkpoint and return its model on the CPU (not yet moved or cast).
 
     Args:
         path: ``torch.save`` file (state_dict, nested state_dict, or a pickled module with
-            ``settings.trust_code``), TorchScript archive (with ``settings.trust_code``) or
-            ``.safetensors`` file.
+            ``settings.trust_code``), TorchScript archive (with ``settings.trust_code``),
+            ``.safetensors`` file or Hugging Face model folder. A file that pickles objects next
+            to its state_dict (a Lightning ``.ckpt`` with objects in ``hyper_parameters``) is read
+            without running code: those objects become inert placeholders. A checkpoint's
+            ``hyper_parameters`` are keyword arguments of the ``--model`` factory (``--model-arg``
+            wins).
         settings: uses ``model``, ``model_args`` and ``trust_code``.
 
     Returns:
@@ -322,7 +355,15 @@ def load_checkpoint(path: str | Path, settings: Settings) -> LoadedModel:
     if not p.exists():
         raise InputError(f"{what}: file not found; check the path")
     if p.is_dir():
-        raise InputError(f"{what}: is a folder, not a file; pass one checkpoint file (use 'hesscli scan' for a folder)")
+        from hesscli.loading.hf import WEIGHT_FILES, is_hf_folder, load_hf_folder
+
+        if is_hf_folder(p):
+            return load_hf_folder(p, settings)
+        if (p / "config.json").is_file():
+            raise InputError(f"{what}: has config.json but no weights ({', '.join(WEIGHT_FILES)}); point at the "
+                             f"folder save_pretrained wrote")
+        raise InputError(f"{what}: is a folder, not a file or a Hugging Face model folder (config.json + weights); "
+                         f"pass one checkpoint (use 'hesscli scan' for a folder of checkpoints)")
     if p.stat().st_size == 0:
         raise InputError(f"{what}: the file is empty; re-save or re-download it")
     sha = file_sha256(p)
@@ -349,12 +390,18 @@ def load_checkpoint(path: str | Path, settings: Settings) -> LoadedModel:
             raise InputError(f"{what}: not a readable safetensors file ({short(e)}); re-save it") from e
         if not state:
             raise InputError(f"{what}: the safetensors file holds no tensors")
+        if not settings.model and (p.parent / "config.json").is_file():
+            raise InputError(f"{what}: part of a Hugging Face model folder; pass the folder {p.parent} (its model is "
+                             f"built from config.json), or --model for this file alone")
         model = build_model(settings.model, settings.model_args,
                             needed_by=f"{what} is a safetensors file ({len(state)} tensors)")
         load_weights(model, state, source=str(path), spec=settings.model)
         fmt = "safetensors"
     else:
-        obj = torch_load(p, trust_pickle=settings.trust_pickle, what=what)
+        try:
+            obj = torch_load(p, trust_pickle=settings.trust_pickle, what=what)
+        except ObjectsRefused as refused:
+            obj = _weights_without_code(p, what, refused)
         metadata = _scalar_metadata(obj)
         found, key = _find_weights(obj)
         if found is None:
@@ -368,8 +415,10 @@ def load_checkpoint(path: str | Path, settings: Settings) -> LoadedModel:
                 logger.info("%s holds a whole module; --model %s is not used", what, settings.model)
         else:
             where = f" under '{key}'" if key else ""
+            hparams = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
             model = build_model(settings.model, settings.model_args,
-                                needed_by=f"{what} holds a state_dict{where} ({len(found)} tensors)")
+                                needed_by=f"{what} holds a state_dict{where} ({len(found)} tensors)",
+                                checkpoint_args=hparams if isinstance(hparams, Mapping) else None)
             load_weights(model, found, source=str(path), spec=settings.model)
             fmt = "state_dict"
 

@@ -4,12 +4,18 @@ Specs: a ``.pt`` file holding ``(inputs, targets)``, a dict (``inputs``/``target
 ``x``/``y``, ``X``/``y``) or a ``TensorDataset``; an ``.npz`` file with the same key names;
 ``pkg.module:callable`` / ``file.py:callable`` returning a Dataset, DataLoader or
 ``(inputs, targets)``; ``torchvision:NAME?root=DIR&train=false`` (never downloads).
+
+Samples may also be dicts of fields (``input_ids``, ``attention_mask``, ``labels``, ...): a
+``.pt`` dict of equal-length tensors, a folder written by ``datasets``' ``save_to_disk``, or a
+callable returning a Dataset/DataLoader of dicts. The target field (``--target-key``, default
+``labels``) is held back and the rest become the model's keyword inputs.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qsl
@@ -23,8 +29,10 @@ from torch.utils.data import Dataset as TorchDataset
 from hesscli.config import Settings
 from hesscli.errors import InputError
 from hesscli.loading.checkpoint import torch_load
+from hesscli.loading.forward import batch_len
+from hesscli.loading.loss import IGNORE_INDEX
 from hesscli.loading.problem import Dataset
-from hesscli.loading.specs import load_callable, one_line, short
+from hesscli.loading.specs import build_mismatch, load_callable, one_line, short
 
 __all__ = ["load_data", "make_dataset", "select_indices", "shard_bounds", "KEY_PAIRS"]
 
@@ -81,7 +89,10 @@ def _read_file(path: Path, source: str, trust_pickle: bool) -> Any:
     if not path.exists():
         raise InputError(f"--data {source}: file not found; check the path")
     if path.is_dir():
-        raise InputError(f"--data {source}: is a folder; pass a .pt or .npz file or a callable spec")
+        if _datasets_folder(path):
+            return _load_datasets_folder(path, source)
+        raise InputError(f"--data {source}: is a folder; pass a .pt or .npz file, a callable spec or a folder "
+                         f"written by datasets' save_to_disk")
     if path.suffix.lower() == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -97,6 +108,9 @@ def _torchvision(spec: str) -> TorchDataset:
         import torchvision
         from torchvision import transforms
     except Exception as e:  # a broken install raises RuntimeError/OSError, not only ImportError
+        mismatch = build_mismatch(e)
+        if mismatch:
+            raise InputError(f"--data {spec}: {mismatch}; or save the data as a .pt/.npz file") from e
         raise InputError(
             f"--data {spec}: torchvision could not be imported ({short(e)}); install a torchvision build "
             f"matching torch {torch.__version__}, or save the data as a .pt/.npz file"
@@ -170,7 +184,7 @@ def _split_item(item: Any, source: str) -> tuple[Any, Any]:
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return item[0], item[1]
     raise InputError(
-        f"--data {source}: each sample must be an (input, target) pair, got {type(item).__name__}"
+        f"--data {source}: each sample must be an (input, target) pair or a dict of fields, got {type(item).__name__}"
         + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
     )
 
@@ -184,31 +198,160 @@ def _stack(items: Sequence[tuple[Any, Any]], source: str) -> tuple[Tensor, Tenso
     return xs, ys
 
 
-def _materialise(obj: Any, source: str, max_samples: int | None, seed: int) -> tuple[Tensor, Tensor]:
-    """Turn any accepted data object into ``(inputs, targets)`` with the subset applied."""
+# ------------------------------------------------------------------------------------------
+# structured (dict) samples
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """How dict samples split into model inputs and the loss target."""
+
+    target_key: str = "labels"
+    loss: str | None = None  # the --loss name: token losses mask padding, causal_lm may predict input_ids
+
+    @property
+    def token_loss(self) -> bool:
+        return self.loss in ("causal_lm", "token_cross_entropy")
+
+
+def _is_pair_mapping(obj: Mapping[str, Any]) -> bool:
+    return any(a in obj and b in obj for a, b in KEY_PAIRS)
+
+
+def _is_structured(obj: Mapping[str, Any], fields: _Fields) -> bool:
+    """A dict of fields (``input_ids``, ``attention_mask``, ``labels``, ...) rather than inputs/targets."""
+    return not _is_pair_mapping(obj) and (fields.target_key in obj or "input_ids" in obj)
+
+
+def _columns_of(items: Sequence[Mapping[str, Any]], source: str, *, stack: bool) -> dict[str, Tensor]:
+    """Dict samples (``stack``) or dict batches (concatenated) -> one tensor per key."""
+    keys = list(items[0].keys())
+    cols: dict[str, Tensor] = {}
+    for key in keys:
+        try:
+            parts = [_as_tensor(item[key], f"field {key!r}", source) for item in items]
+        except KeyError:
+            missing = next(i for i, item in enumerate(items) if key not in item)
+            raise InputError(f"--data {source}: sample {missing} has no field {key!r} that sample 0 has; every "
+                             f"sample needs the same fields") from None
+        try:
+            cols[str(key)] = torch.stack(parts) if stack else torch.cat(parts)
+        except RuntimeError as e:
+            raise InputError(
+                f"--data {source}: field {key!r} has different lengths across samples ({one_line(e)}); pad the "
+                f"sequences to one length (with attention_mask 0 and labels -100 on the padding)"
+            ) from e
+    return cols
+
+
+def _split_columns(cols: dict[str, Tensor], source: str, fields: _Fields) -> tuple[dict[str, Tensor], Tensor]:
+    """Hold back the target key; token losses leave out padding (``attention_mask == 0``) as -100."""
+    lengths = {k: (len(v) if v.ndim else -1) for k, v in cols.items()}
+    if len(set(lengths.values())) != 1 or -1 in lengths.values():
+        shown = ", ".join(f"{k}: {n}" for k, n in lengths.items())
+        raise InputError(f"--data {source}: the fields must share their first (sample) dimension, got {shown}")
+    keys = list(cols)
+    inputs = dict(cols)
+    if fields.target_key in inputs:
+        targets = inputs.pop(fields.target_key)
+    elif fields.loss == "causal_lm" and "input_ids" in inputs:
+        targets = inputs["input_ids"].clone()  # language modelling of the inputs themselves
+    else:
+        hint = " (or --loss causal_lm to predict the next token of input_ids)" if "input_ids" in inputs else ""
+        raise InputError(
+            f"--data {source}: samples are dicts with fields {keys} but no {fields.target_key!r} to use as the loss "
+            f"target; pass --target-key FIELD{hint}"
+        )
+    if not inputs:
+        raise InputError(f"--data {source}: only the target field {fields.target_key!r} is there; the model needs "
+                         f"inputs too")
+    mask = inputs.get("attention_mask")
+    if (fields.token_loss and mask is not None and not targets.is_floating_point()
+            and tuple(mask.shape) == tuple(targets.shape)):
+        targets = targets.masked_fill(mask == 0, IGNORE_INDEX)
+    return inputs, targets
+
+
+def _take(inputs: Any, idx: Tensor | slice) -> Any:
+    if isinstance(inputs, Mapping):
+        return {k: v[idx] for k, v in inputs.items()}
+    return inputs[idx]
+
+
+def _length(inputs: Any) -> int:
+    return batch_len(inputs)
+
+
+def _datasets_folder(path: Path) -> bool:
+    """A folder written by ``datasets.Dataset.save_to_disk``."""
+    if not path.is_dir():
+        return False
+    one = (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+    return one or (path / "dataset_dict.json").is_file()
+
+
+def _load_datasets_folder(path: Path, source: str) -> Any:
+    try:
+        import datasets
+    except ImportError as e:
+        raise InputError(f"--data {source}: a folder written by datasets' save_to_disk; reading it needs the "
+                         f"'datasets' package: pip install datasets") from e
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise InputError(f"--data {source}: the datasets folder cannot be read ({short(e)})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        raise InputError(f"--data {source}: holds several splits ({', '.join(ds)}); point at one split's folder "
+                         f"({source.rstrip('/')}/{next(iter(ds))})")
+    return ds.with_format("torch")
+
+
+# ------------------------------------------------------------------------------------------
+# materialising (inputs, targets)
+# ------------------------------------------------------------------------------------------
+
+
+def _materialise(obj: Any, source: str, max_samples: int | None, seed: int,
+                 fields: _Fields = _Fields()) -> tuple[Any, Tensor]:
+    """Turn any accepted data object into ``(inputs, targets)`` with the subset applied.
+
+    ``inputs`` is a tensor, or a dict of tensors for dict samples.
+    """
     if isinstance(obj, TensorDataset):
         if len(obj.tensors) != 2:
             raise InputError(f"--data {source}: TensorDataset holds {len(obj.tensors)} tensors; expected 2")
         obj = obj.tensors
     if isinstance(obj, Mapping):
+        if _is_structured(obj, fields):
+            cols = {str(k): _as_tensor(v, f"field {k!r}", source) for k, v in obj.items()}
+            inputs_d, targets = _split_columns(cols, source, fields)
+            idx = select_indices(len(targets), max_samples, seed)
+            return (inputs_d, targets) if idx is None else (_take(inputs_d, idx), targets[idx])
         obj = _pair_from_mapping(obj, source)
-    if isinstance(obj, (tuple, list)) and len(obj) == 2 and not isinstance(obj[0], (tuple, list)):
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and not isinstance(obj[0], (tuple, list, Mapping)):
         inputs, targets = _as_tensor(obj[0], "inputs", source), _as_tensor(obj[1], "targets", source)
         _check_lengths(inputs, targets, source)
         idx = select_indices(len(inputs), max_samples, seed)
         return (inputs, targets) if idx is None else (inputs[idx], targets[idx])
     if isinstance(obj, DataLoader) or isinstance(obj, IterableDataset):
+        batched = isinstance(obj, DataLoader)
+        items = list(obj)
+        if not items:
+            raise InputError(f"--data {source}: the loader yielded no samples; check the dataset")
+        if isinstance(items[0], Mapping) and not _is_pair_mapping(items[0]):
+            inputs_d, targets = _split_columns(_columns_of(items, source, stack=not batched), source, fields)
+            idx = select_indices(len(targets), max_samples, seed)
+            return (inputs_d, targets) if idx is None else (_take(inputs_d, idx), targets[idx])
         xs, ys = [], []
-        for item in obj:
+        for item in items:
             x, y = _split_item(item, source)
             x, y = _as_tensor(x, "inputs", source), _as_tensor(y, "targets", source)
-            if isinstance(obj, IterableDataset) and not isinstance(obj, DataLoader):
+            if not batched:
                 x, y = x.unsqueeze(0), y.unsqueeze(0)
             _check_lengths(x, y, source)
             xs.append(x)
             ys.append(y)
-        if not xs:
-            raise InputError(f"--data {source}: the loader yielded no samples; check the dataset")
         try:
             inputs, targets = torch.cat(xs), torch.cat(ys)
         except RuntimeError as e:
@@ -222,15 +365,16 @@ def _materialise(obj: Any, source: str, max_samples: int | None, seed: int) -> t
         idx = select_indices(n, max_samples, seed)
         order = range(n) if idx is None else idx.tolist()
         try:
-            items = [_split_item(obj[i], source) for i in order]
-        except InputError:
-            raise
+            raw = [obj[i] for i in order]
         except Exception as e:
             raise InputError(f"--data {source}: reading a sample failed ({one_line(e)})") from e
+        if raw and isinstance(raw[0], Mapping) and not _is_pair_mapping(raw[0]):
+            return _split_columns(_columns_of(raw, source, stack=True), source, fields)
+        items = [_split_item(item, source) for item in raw]
         return _stack(items, source)
     raise InputError(
-        f"--data {source}: got a {type(obj).__name__}; expected (inputs, targets), a dict with inputs/targets, "
-        f"a Dataset or a DataLoader"
+        f"--data {source}: got a {type(obj).__name__}; expected (inputs, targets), a dict with inputs/targets or of "
+        f"fields (input_ids, labels, ...), a Dataset or a DataLoader"
     )
 
 
@@ -244,6 +388,12 @@ def _check_lengths(inputs: Tensor, targets: Tensor, source: str) -> None:
         )
 
 
+def _place(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    if t.is_floating_point():
+        t = t.to(dtype)
+    return t.to(device)
+
+
 def make_dataset(
     obj: Any,
     *,
@@ -255,6 +405,8 @@ def make_dataset(
     dtype: torch.dtype,
     rank: int = 0,
     world_size: int = 1,
+    target_key: str = "labels",
+    loss: str | None = None,
 ) -> Dataset:
     """Build a :class:`Dataset` from an in-memory object (tensors pair, dict, Dataset, DataLoader).
 
@@ -266,6 +418,9 @@ def make_dataset(
         seed: subset seed.
         device, dtype: floating inputs and targets are cast to ``dtype``; all moved to ``device`` once.
         rank, world_size: keep this rank's contiguous shard of the selected samples.
+        target_key: for dict samples, the field held back as the loss target.
+        loss: the loss name; token losses turn labels under ``attention_mask == 0`` into -100, and
+            ``causal_lm`` predicts ``input_ids`` when there is no target field.
 
     Returns:
         The batched dataset; ``n_total`` counts the samples of all ranks.
@@ -279,9 +434,10 @@ def make_dataset(
         raise InputError(f"--max-samples {max_samples}: must be at least 1")
     if not (0 <= rank < world_size):
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    inputs, targets = _materialise(obj, source, max_samples, seed)
-    _check_lengths(inputs, targets, source)
-    n_total = len(inputs)
+    inputs, targets = _materialise(obj, source, max_samples, seed, _Fields(target_key, loss))
+    if not isinstance(inputs, Mapping):
+        _check_lengths(inputs, targets, source)
+    n_total = len(targets)
     if n_total == 0:
         raise InputError(f"--data {source}: no samples; check the file or --max-samples")
     if world_size > 1:
@@ -290,24 +446,33 @@ def make_dataset(
                 f"--data {source}: {n_total} samples cannot be split across {world_size} processes; use more data"
             )
         start, stop = shard_bounds(n_total, rank, world_size)
-        inputs, targets = inputs[start:stop], targets[start:stop]
-    if inputs.is_floating_point():
-        inputs = inputs.to(dtype)
-    if targets.is_floating_point():
-        targets = targets.to(dtype)
-    elif targets.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        inputs, targets = _take(inputs, slice(start, stop)), targets[start:stop]
+    if not targets.is_floating_point() and targets.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
         targets = targets.long()
-    inputs, targets = inputs.to(device), targets.to(device)
-    batches = list(zip(torch.split(inputs, batch_size), torch.split(targets, batch_size)))
-    logger.debug("data %s: %d samples (%d here) in %d batches", source, n_total, len(inputs), len(batches))
+    targets = _place(targets, device, dtype)
+    n_here = len(targets)
+    if isinstance(inputs, Mapping):
+        inputs = {k: _place(v, device, dtype) for k, v in inputs.items()}
+        starts = range(0, n_here, batch_size)
+        batches: list[tuple[Any, Tensor]] = [
+            ({k: v[s : s + batch_size] for k, v in inputs.items()}, targets[s : s + batch_size]) for s in starts
+        ]
+        first = inputs.get("input_ids", next(iter(inputs.values())))
+        input_shape, input_keys = tuple(first.shape[1:]), tuple(inputs)
+    else:
+        inputs = _place(inputs, device, dtype)
+        batches = list(zip(torch.split(inputs, batch_size), torch.split(targets, batch_size)))
+        input_shape, input_keys = tuple(inputs.shape[1:]), ()
+    logger.debug("data %s: %d samples (%d here) in %d batches", source, n_total, n_here, len(batches))
     return Dataset(
         batches=batches,
-        n_samples=len(inputs),
+        n_samples=n_here,
         n_total=n_total,
         source=source,
-        input_shape=tuple(inputs.shape[1:]),
+        input_shape=input_shape,
         target_shape=tuple(targets.shape[1:]),
         target_dtype=str(targets.dtype).removeprefix("torch."),
+        input_keys=input_keys,
     )
 
 
@@ -355,4 +520,6 @@ def load_data(
         dtype=dtype,
         rank=rank,
         world_size=world_size,
+        target_key=settings.target_key,
+        loss=settings.loss.strip().lower().replace("-", "_"),
     )

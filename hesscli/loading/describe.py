@@ -32,14 +32,14 @@ def _all_reduce(t: Tensor) -> Tensor:
 
 def _pass(problem: Problem, *, with_grad: bool) -> tuple[float, float | None, list[Tensor] | None]:
     """Mean loss, accuracy and (optionally) the mean-loss gradient over all batches."""
-    model, loss, data = problem.model, problem.loss, problem.data
+    loss, data = problem.loss, problem.data
     params = list(problem.params.values())
     totals = torch.zeros(2, dtype=torch.float64, device=problem.device)  # [sum of loss * n, n correct]
     grads = [torch.zeros_like(p) for p in params] if with_grad else None
-    for x, y in data.batches:
-        weight = len(x) / data.n_total
+    weights = data.weights if len(data.weights) == len(data.batches) else [len(y) / data.n_total for _, y in data.batches]
+    for (x, y), weight in zip(data.batches, weights):
         with torch.set_grad_enabled(with_grad):
-            out = model(x)
+            out = problem.output(x)
             value = loss.fn(out, y)
         if grads is not None:
             parts = torch.autograd.grad(value * weight, params, allow_unused=True)
@@ -47,7 +47,7 @@ def _pass(problem: Problem, *, with_grad: bool) -> tuple[float, float | None, li
                 if part is not None:
                     g.add_(part)
         with torch.no_grad():
-            totals[0] += value.detach().to(torch.float64) * len(x)
+            totals[0] += value.detach().to(torch.float64) * weight * data.n_total
             if loss.is_classification:
                 totals[1] += _n_correct(loss.name, out.detach(), y)
     _all_reduce(totals)
@@ -112,7 +112,7 @@ def describe(problem: Problem) -> InfoResult:
         n_samples=data.n_samples,
         n_total=data.n_total,
         n_batches=len(data.batches),
-        batch_size=max((len(x) for x, _ in data.batches), default=0),
+        batch_size=max((len(y) for _, y in data.batches), default=0),
         input_shape=tuple(data.input_shape),
         target_shape=tuple(data.target_shape),
         target_dtype=data.target_dtype,

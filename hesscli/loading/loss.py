@@ -8,6 +8,7 @@ tensor arithmetic keeps every loss usable with ``torch.func.jvp(torch.func.grad(
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Callable
 
 import torch
@@ -18,7 +19,10 @@ from hesscli.errors import InputError
 from hesscli.loading.problem import LossFn, LossSpec
 from hesscli.loading.specs import load_callable
 
-__all__ = ["load_loss", "LOSSES", "CLASSIFICATION_LOSSES", "check_targets"]
+__all__ = ["load_loss", "LOSSES", "CLASSIFICATION_LOSSES", "TOKEN_LOSSES", "IGNORE_INDEX", "check_targets"]
+
+IGNORE_INDEX = -100
+"""Token label that is left out of token losses (the Hugging Face and PyTorch convention)."""
 
 HUBER_DELTA = 1.0
 """Huber threshold, as ``torch.nn.HuberLoss``'s default."""
@@ -108,16 +112,79 @@ def bce_with_logits(outputs: Tensor, targets: Tensor) -> Tensor:
     return (F.softplus(outputs) - outputs * y).mean()
 
 
+def _token_mean(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the tokens whose label is not :data:`IGNORE_INDEX`; class dimension last.
+
+    A batch without any counted token gives 0 (its weight in the dataset mean is 0 too).
+    """
+    keep = labels != IGNORE_INDEX
+    idx = torch.where(keep, labels, torch.zeros_like(labels)).long()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    return -(logp * keep.to(logp.dtype)).sum() / keep.sum().clamp(min=1).to(logp.dtype)
+
+
+def _token_labels(outputs: Tensor, targets: Tensor, name: str, what: str) -> None:
+    if outputs.ndim < 2:
+        raise ValueError(f"{name} needs {what}, got outputs of shape {_shape(outputs)}")
+    if targets.is_floating_point() or targets.shape != outputs.shape[:-1]:
+        raise ValueError(
+            f"{name} needs integer token labels of shape {list(outputs.shape[:-1])} for logits {_shape(outputs)}, "
+            f"got {str(targets.dtype).removeprefix('torch.')} labels of shape {_shape(targets)}"
+        )
+
+
+def causal_lm(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Next-token cross-entropy: logits ``[B, T, V]`` at position t predict label t+1 of ``[B, T]``.
+
+    Labels equal to -100 (padding, prompt tokens) are left out; the result is the mean over
+    the counted tokens of the batch.
+
+    Example:
+        >>> logits = torch.zeros(1, 3, 4)
+        >>> round(causal_lm(logits, torch.tensor([[1, 2, -100]])).item(), 6) == round(math.log(4), 6)
+        True
+    """
+    if outputs.ndim != 3:
+        raise ValueError(f"causal_lm needs logits of shape [batch, sequence, vocabulary], got {_shape(outputs)}")
+    _token_labels(outputs, targets, "causal_lm", "logits of shape [batch, sequence, vocabulary]")
+    return _token_mean(outputs[:, :-1], targets[:, 1:])
+
+
+def token_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of every token, class dimension last (masked LM, token classification).
+
+    Logits ``[B, T, C]`` against labels ``[B, T]``; labels equal to -100 are left out.
+    """
+    _token_labels(outputs, targets, "token_cross_entropy", "logits of shape [batch, ..., classes]")
+    return _token_mean(outputs, targets)
+
+
+def _count_causal(targets: Tensor) -> Tensor:
+    return (targets[:, 1:] != IGNORE_INDEX).sum()
+
+
+def _count_tokens(targets: Tensor) -> Tensor:
+    return (targets != IGNORE_INDEX).sum()
+
+
 LOSSES: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
     "mse": mse,
     "bce_with_logits": bce_with_logits,
     "nll": nll,
     "huber": huber,
+    "causal_lm": causal_lm,
+    "token_cross_entropy": token_cross_entropy,
 }
 """Named losses accepted by ``--loss``."""
 
 CLASSIFICATION_LOSSES = frozenset({"cross_entropy", "nll", "bce_with_logits"})
+
+TOKEN_LOSSES: dict[str, Callable[[Tensor], Tensor]] = {
+    "causal_lm": _count_causal,
+    "token_cross_entropy": _count_tokens,
+}
+"""Token losses and how many tokens of a batch's labels they average over."""
 
 
 def load_loss(spec: str) -> LossSpec:
@@ -141,7 +208,8 @@ def load_loss(spec: str) -> LossSpec:
     """
     name = spec.strip().lower().replace("-", "_")
     if name in LOSSES:
-        return LossSpec(name=name, fn=LOSSES[name], is_classification=name in CLASSIFICATION_LOSSES)
+        return LossSpec(name=name, fn=LOSSES[name], is_classification=name in CLASSIFICATION_LOSSES,
+                        count=TOKEN_LOSSES.get(name), unit="tokens" if name in TOKEN_LOSSES else "samples")
     if ":" not in spec:
         raise InputError(
             f"--loss {spec!r}: unknown loss; use one of {', '.join(LOSSES)} or pkg.module:callable / "
@@ -164,6 +232,21 @@ def check_targets(loss: LossSpec, outputs: Tensor, targets: Tensor) -> str | Non
     out-of-range index would otherwise be an opaque indexing error (a device-side assert on
     CUDA), and ``mse``/``huber`` would silently one-hot it to a row of zeros.
     """
+    if loss.name in TOKEN_LOSSES and not targets.is_floating_point() and outputs.ndim >= 2 and targets.numel():
+        n_classes = outputs.shape[-1]
+        kept = targets[targets != IGNORE_INDEX]
+        if kept.numel():
+            lo, hi = int(kept.min()), int(kept.max())
+            if lo < 0 or hi >= n_classes:
+                return (f"token labels range {lo}..{hi} but the model outputs {n_classes} logits per token "
+                        f"(0..{n_classes - 1}; -100 marks tokens left out)")
+        return None
+    if (loss.name in ("cross_entropy", "nll") and outputs.ndim == 3 and not targets.is_floating_point()
+            and targets.shape == outputs.shape[:2]):
+        return (f"the model outputs per-token logits {_shape(outputs)} [batch, sequence, vocabulary] and the targets "
+                f"are token labels {_shape(targets)}, but {loss.name} reads dimension 1 ({outputs.shape[1]}) as the "
+                f"classes; use --loss causal_lm (next-token prediction) or --loss token_cross_entropy (a label per "
+                f"token)")
     one_hot = loss.name in ("mse", "huber") and outputs.ndim == 2 and targets.ndim == 1
     if (loss.name in ("cross_entropy", "nll") or one_hot) and not targets.is_floating_point() and outputs.ndim >= 2:
         n_classes = outputs.shape[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +24,39 @@ STRIPPED_PREFIXES: tuple[str, ...] = ("module.", "model.", "_orig_mod.")
 _SHOWN = 4
 
 
-def build_model(spec: str | None, model_args: Mapping[str, Any] | None = None, *, needed_by: str = "") -> nn.Module:
+def _from_checkpoint(factory: Any, spec: str, checkpoint_args: Mapping[str, Any] | None,
+                     given: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``hyper_parameters`` that the factory accepts and ``--model-arg`` does not set."""
+    if not checkpoint_args:
+        return {}
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    named = {p.name: p for p in params
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    kwargs = {str(k): v for k, v in checkpoint_args.items()
+              if (open_ended or str(k) in named) and str(k) not in given}
+    from hesscli.loading.safepickle import placeholders_in
+
+    objects = {k: found for k, v in kwargs.items() if (found := placeholders_in({k: v}))}
+    required = {k: v for k, v in objects.items() if k in named and named[k].default is inspect.Parameter.empty}
+    if required:
+        shown = ", ".join(f"{k} ({v[0]})" for k, v in list(required.items())[:3])
+        raise InputError(
+            f"--model {spec}: the checkpoint's hyper_parameters hold pickled objects that hesscli does not unpickle: "
+            f"{shown}; pass them with --model-arg KEY=VALUE, or pass --trust-pickle if you trust the file"
+        )
+    for k, v in objects.items():  # the factory's own default stands in; strict weight loading checks the fit
+        logger.info("--model %s: hyper_parameter %s holds a pickled %s that is not unpickled; using the default",
+                    spec, k, v[0])
+        kwargs.pop(k)
+    return kwargs
+
+
+def build_model(spec: str | None, model_args: Mapping[str, Any] | None = None, *, needed_by: str = "",
+                checkpoint_args: Mapping[str, Any] | None = None) -> nn.Module:
     """Call the factory named by ``spec`` with ``model_args`` as keyword arguments.
 
     Args:
@@ -31,6 +64,8 @@ def build_model(spec: str | None, model_args: Mapping[str, Any] | None = None, *
         model_args: keyword arguments, e.g. from ``--model-arg hidden=64``.
         needed_by: what needs the model (``"checkpoint x.pt holds a state_dict"``), used
             when ``spec`` is missing.
+        checkpoint_args: keyword arguments stored in the checkpoint (Lightning's
+            ``hyper_parameters``); those the factory accepts are used, ``model_args`` win.
 
     Returns:
         The freshly built module (random weights, on the CPU).
@@ -45,7 +80,7 @@ def build_model(spec: str | None, model_args: Mapping[str, Any] | None = None, *
             f"(the class or function that builds the network), or set model in hesscli.toml"
         )
     factory = load_callable(spec, "--model")
-    kwargs = dict(model_args or {})
+    kwargs = {**_from_checkpoint(factory, spec, checkpoint_args, model_args or {}), **dict(model_args or {})}
     name = getattr(factory, "__name__", spec)
     try:
         model = factory(**kwargs)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from hesscli.loading.forward import ModelCall
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(outputs, targets) -> scalar``: the *mean* loss over the samples of one batch."""
@@ -17,21 +19,32 @@ class Dataset:
     """The selected samples, already split into batches and moved to the analysis device.
 
     Attributes:
-        batches: ``[(inputs, targets), ...]``; floating inputs are cast to the analysis dtype.
+        batches: ``[(inputs, targets), ...]``; inputs are a tensor or a dict of tensors
+            (``input_ids``, ``attention_mask``, ...) passed as ``model(**inputs)``; floating
+            tensors are cast to the analysis dtype.
         n_samples: samples held by this process (sum of batch lengths).
         n_total: samples across all processes (equals ``n_samples`` without torch.distributed).
-            The analysed function is ``sum_b len(b) / n_total * loss_fn(model(x_b), y_b)``.
+        weights: each batch's weight ``w_b`` in the analysed function
+            ``sum_b w_b * loss_fn(model(x_b), y_b)``: ``n_b / n_units`` where ``n_b`` counts the
+            batch's loss terms (samples, or non-ignored tokens for token losses). Filled in
+            when the problem is built, since it depends on the loss.
+        n_units: loss terms across all processes (samples, or tokens for token losses).
         source: the ``--data`` spec (or ``"<python>"``) for provenance.
-        input_shape: shape of one input sample; target_shape: shape of one target.
+        input_shape: shape of one input sample (of ``input_ids`` or the first key for dict
+            inputs); target_shape: shape of one target.
+        input_keys: the keys of dict inputs (empty for tensor inputs).
     """
 
-    batches: list[tuple[Tensor, Tensor]]
+    batches: list[tuple[Any, Tensor]]
     n_samples: int
     n_total: int
     source: str = "<python>"
     input_shape: tuple[int, ...] = ()
     target_shape: tuple[int, ...] = ()
     target_dtype: str = ""
+    input_keys: tuple[str, ...] = ()
+    weights: list[float] = field(default_factory=list)
+    n_units: int = 0
 
 
 @dataclass
@@ -41,7 +54,7 @@ class LoadedModel:
     model: nn.Module
     source: str = "<python>"
     sha256: str = ""
-    format: str = "module"  # torchscript | state_dict | safetensors | pickle | module
+    format: str = "module"  # torchscript | state_dict | safetensors | hf | pickle | module
     step: int | None = None
     epoch: int | None = None
     metadata: dict[str, object] = field(default_factory=dict)
@@ -49,11 +62,20 @@ class LoadedModel:
 
 @dataclass
 class LossSpec:
-    """A loss by name plus its batch-mean function."""
+    """A loss by name plus its batch-mean function.
+
+    Attributes:
+        count: for losses that average over something other than samples (tokens), the
+            number of terms the batch mean of ``fn`` is over, read from the batch's targets;
+            ``None`` means one term per sample.
+        unit: what is counted (``samples``, ``tokens``), for messages and summaries.
+    """
 
     name: str
     fn: LossFn
     is_classification: bool = False
+    count: Callable[[Tensor], Tensor] | None = None
+    unit: str = "samples"
 
 
 @dataclass
@@ -69,6 +91,7 @@ class Problem:
         frozen: names of parameters excluded because ``requires_grad`` is False.
         device, dtype: where and in what precision the analysis runs.
         checkpoint: where the model came from.
+        call: how the model is called on a batch and which output the loss sees.
     """
 
     model: nn.Module
@@ -79,6 +102,11 @@ class Problem:
     device: torch.device
     dtype: torch.dtype
     checkpoint: LoadedModel
+    call: ModelCall = field(default_factory=ModelCall)
+
+    def output(self, inputs: Any) -> Tensor:
+        """The model's output tensor on one batch of inputs (what the loss sees)."""
+        return self.call(self.model, inputs)
 
     @property
     def n_params(self) -> int:

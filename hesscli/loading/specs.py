@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from hesscli.errors import InputError
 
-__all__ = ["split_spec", "load_callable", "one_line", "short"]
+__all__ = ["split_spec", "load_callable", "one_line", "short", "build_mismatch"]
 
 logger = logging.getLogger(__name__)
 code_logger = logging.getLogger("hesscli.code")
@@ -66,6 +66,31 @@ def split_spec(spec: str, option: str) -> tuple[str, str, bool]:
     return target, attr, is_file
 
 
+def build_mismatch(exc: BaseException) -> str | None:
+    """Explain an import failure caused by a torchvision built for another torch, or ``None``.
+
+    The torchvision wheel that pip picks next to a CPU-only torch is a CUDA build whose compiled
+    operators do not load (``operator torchvision::nms does not exist``); anything importing
+    torchvision (timm, many model zoos) then fails with that message.
+    """
+    text = str(exc)
+    about_torchvision = "torchvision" in text.lower()
+    compiled_ops_failed = any(s in text for s in ("does not exist", "custom C++ ops", "undefined symbol"))
+    if not (about_torchvision and compiled_ops_failed):
+        return None
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        tv = version("torchvision")
+    except Exception:  # noqa: BLE001 - only for the message
+        tv = "?"
+    return (f"torchvision {tv} was built for another torch than the installed {torch.__version__} (its compiled "
+            f"operators do not load: {one_line(exc)[:120]}); install the torchvision build made for this torch "
+            f"(for a CPU-only torch, the CPU wheel from the PyTorch package index) or uninstall torchvision")
+
+
 def _import_file(path: Path, option: str, spec: str) -> Any:
     """Import a Python file under a private module name (cached by path and mtime)."""
     if not path.is_file():
@@ -90,7 +115,7 @@ def _import_file(path: Path, option: str, spec: str) -> Any:
         module_spec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(name, None)
-        raise InputError(f"{option} {spec!r}: importing {path} failed: {one_line(e)}") from e
+        raise InputError(f"{option} {spec!r}: importing {path} failed: {build_mismatch(e) or one_line(e)}") from e
     _FILE_MODULES[key] = module
     return module
 
@@ -112,7 +137,7 @@ def _import_module(target: str, option: str, spec: str) -> Any:
             f"or use path/to/file.py:callable"
         ) from e
     except Exception as e:
-        raise InputError(f"{option} {spec!r}: importing {target!r} failed: {one_line(e)}") from e
+        raise InputError(f"{option} {spec!r}: importing {target!r} failed: {build_mismatch(e) or one_line(e)}") from e
 
 
 def load_callable(spec: str, option: str) -> Callable[..., Any]:

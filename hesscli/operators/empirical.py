@@ -4,9 +4,10 @@ The analysed function is always
 
 .. math:: L(\\theta) = \\sum_b \\frac{n_b}{N} \\ell_b(\\theta),
 
-where :math:`\\ell_b` is the batch-mean loss of batch :math:`b` with :math:`n_b` samples and
-:math:`N` the number of samples over all batches (and all processes under torch.distributed),
-so results do not depend on the batch size and a ragged last batch gets its true weight.
+where :math:`\\ell_b` is the batch-mean loss of batch :math:`b` over its :math:`n_b` loss terms
+(samples, or non-ignored tokens for token losses such as ``causal_lm``) and :math:`N` the number
+of terms over all batches (and all processes under torch.distributed), so results do not depend
+on the batch size and a ragged last batch (or one with more padding) gets its true weight.
 
 Two product paths sit behind one interface (DESIGN.md):
 
@@ -38,11 +39,11 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hesscli.loading.problem import Problem
@@ -132,6 +133,9 @@ class EmpiricalRiskOperator(CurvatureOperator):
         self.block_path: str | None = None  # chosen by measurement in auto mode
         self.tuning: dict[str, float] = {}  # seconds per vector measured on each path
         self.n_total = problem.data.n_total
+        data = problem.data
+        self._weights = ({id(y): w for (_, y), w in zip(data.batches, data.weights)}
+                         if len(data.weights) == len(data.batches) else {})
         if not self.scripted:
             selected = set(self.names)
             self._fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in selected}
@@ -139,7 +143,9 @@ class EmpiricalRiskOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ helpers
     def _weight(self, targets: Tensor) -> float:
-        return targets.shape[0] / self.n_total
+        """The batch's weight in the dataset mean (set when the problem was built; samples otherwise)."""
+        w = self._weights.get(id(targets))
+        return w if w is not None else targets.shape[0] / self.n_total
 
     def _split(self, V: Tensor) -> list[Tensor]:
         """``[P, k]`` -> per-parameter ``[k, *shape]`` views."""
@@ -150,11 +156,11 @@ class EmpiricalRiskOperator(CurvatureOperator):
         """per-parameter ``[k, *shape]`` -> ``[P, k]``."""
         return torch.cat([p.reshape(k, -1) for p in parts], dim=1).T
 
-    def _model_fn(self, x: Tensor) -> Callable[..., Tensor]:
-        names, fixed, model = self.names, self._fixed, self.model
+    def _model_fn(self, x: Any) -> Callable[..., Tensor]:
+        names, fixed, model, call = self.names, self._fixed, self.model, self.problem.call
 
         def f(*params: Tensor) -> Tensor:
-            return functional_call(model, {**fixed, **dict(zip(names, params))}, (x,))
+            return call.functional(model, {**fixed, **dict(zip(names, params))}, x)
 
         return f
 
@@ -261,7 +267,7 @@ class EmpiricalRiskOperator(CurvatureOperator):
         g = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         with torch.enable_grad(), differentiable_kernels():
             for x, y in self.problem.data.batches:
-                loss = self._weight(y) * self.problem.loss.fn(self.model(x), y)
+                loss = self._weight(y) * self.problem.loss.fn(self.problem.output(x), y)
                 gs = self._grad_of(loss, self.params, None, retain_graph=False)
                 g += torch.cat([t.reshape(-1) for t in gs])
                 loss_sum += loss.detach().to(torch.float64)
@@ -302,7 +308,7 @@ class HessianOperator(EmpiricalRiskOperator):
         if self._graphs is not None and i < len(self._graphs):
             return self._graphs[i]
         with torch.enable_grad():
-            loss = self._weight(y) * self.problem.loss.fn(self.model(x), y)
+            loss = self._weight(y) * self.problem.loss.fn(self.problem.output(x), y)
             grads = tuple(self._grad_of(loss, self.params, None, create_graph=True))
         if self.cache_graph:
             if self._graphs is None:
@@ -349,7 +355,7 @@ class GGNOperator(EmpiricalRiskOperator):
     def _autograd_batch(self, i: int, x: Tensor, y: Tensor, tangents: list[Tensor], acc: list[Tensor]) -> None:
         w = self._weight(y)
         with torch.enable_grad():
-            out = self.model(x)
+            out = self.problem.output(x)
             u = torch.zeros_like(out, requires_grad=True)
             jtu = self._grad_of(out, self.params, u, create_graph=True)
             o = out.detach().requires_grad_(True)

@@ -56,7 +56,7 @@ class Settings:
     # trace
     method: str | None = None  # hutchinson | hutch++ | exact; None: the backend's default (native: hutch++)
     probes: int = 100
-    tol: float | None = None  # eigs / extremes: relative residual tolerance (default 1e-6)
+    tol: float | None = None  # eigs / extremes: relative error bound (default 1e-4 float32, 1e-10 float64)
     trace_tol: float | None = None  # trace: target stderr/|estimate|, probe count planned from a pilot (``trace --tol``)
     # eigs / extremes
     top_k: int = 10

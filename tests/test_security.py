@@ -44,12 +44,19 @@ def test_implicit_config_cannot_switch_on_trust(tiny):
     torch.save({"model": _Hostile(marker), "state_dict": tiny.model.state_dict()}, folder / "hostile.pt")
     (folder / "hesscli.toml").write_text(f'trust-pickle = true\ntrust-code = true\ndata = "data.pt"\n'
                                          f'model = "{tiny.spec}"\n')
+    # the weights next to the hostile object load; the object is never unpickled
     proc = _hesscli(["info", "hostile.pt"], cwd=folder)
-    assert proc.returncode == 2, proc.stderr
-    assert not marker.exists()
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists() and "not unpickled" in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[0] == f"config: {folder / 'hesscli.toml'} (found in the working folder)"
     assert sum("trust-code is ignored in a config found in the working folder" in ln for ln in lines) == 1
+    # a file that is nothing but the hostile object is refused
+    torch.save(_Hostile(marker), folder / "hostile_only.pt")
+    proc = _hesscli(["info", "hostile_only.pt"], cwd=folder)
+    assert proc.returncode == 2, proc.stderr
+    assert not marker.exists()
+    lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "--trust-code" in lines[-1] and "Traceback" not in proc.stderr
     # the same file named with --config is the user's choice: its trust applies (and the pickle is hostile)
     settings = resolve({}, folder / "hesscli.toml")

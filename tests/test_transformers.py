@@ -8,6 +8,8 @@ on the whole dataset at once, and ``torch.autograd.functional.hessian``.
 
 from __future__ import annotations
 
+import copy
+
 import json
 from pathlib import Path
 
@@ -170,7 +172,10 @@ def test_trainer_output_folder_is_a_series_ordered_by_step(hf):
     run = root / "trainer_out"
     for step, with_state in ((100, True), (5, True), (10, False)):
         folder = run / f"checkpoint-{step}"
-        model.save_pretrained(folder)
+        trained = copy.deepcopy(model)  # other weights at every step (the same bytes are analysed once)
+        with torch.no_grad():
+            trained.transformer.ln_f.bias.add_(1e-3 * step)
+        trained.save_pretrained(folder)
         if with_state:
             (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.0}))
     (run / "runs").mkdir()  # TensorBoard logs and other folders without a model are not checkpoints
@@ -183,10 +188,9 @@ def test_trainer_output_folder_is_a_series_ordered_by_step(hf):
     runs = pd.read_parquet(out / "runs").sort_values("started_at", kind="stable")
     assert list(runs["step"]) == [5, 10, 100]
     assert [Path(c).name for c in runs["checkpoint"]] == ["checkpoint-5", "checkpoint-10", "checkpoint-100"]
-    assert runs["status"].eq("ok").all() and runs["checkpoint_sha256"].nunique() == 1  # the same weights
+    assert runs["status"].eq("ok").all() and runs["checkpoint_sha256"].nunique() == 3
     trace = pd.read_parquet(out / "trace")
-    whole = trace[trace["param_group"] == "all"]["estimate"]
-    assert len(whole) == 3 and whole.max() - whole.min() <= 1e-12 * whole.abs().max()
+    assert len(trace[trace["param_group"] == "all"]) == 3
 
 
 def test_errors_speak_the_users_terms(hf, tmp_path, capsys):

@@ -240,17 +240,9 @@ def _settings(options: dict[str, Any]) -> Settings:
 def _python(analysis: str, model: nn.Module, loss: Any, data: Any, options: dict[str, Any]):
     from hesscli.loading import problem_from_python
 
-    from hesscli.loading.batchnorm import batchnorm_layers
-
     settings = _settings(options)
-    tracking = [(m, m.track_running_stats) for m in batchnorm_layers(model)]
-    try:
-        problem = problem_from_python(model, loss, data, settings)
-        return analyse(problem, analysis, settings).result
-    finally:  # batchnorm="batch" switches BatchNorm layers to batch statistics for the analysis only
-        for m, track in tracking:
-            m.track_running_stats = track
-            m.train(model.training)
+    problem = problem_from_python(model, loss, data, settings)  # a private copy: ``model`` stays as it is
+    return analyse(problem, analysis, settings).result
 
 
 def trace(model: nn.Module, loss: Any, data: Any, **options: Any) -> TraceResult:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from hesscli.algorithms.lanczos import DEFAULT_MAX_ITER, residual_flags
+from hesscli.algorithms.lanczos import DEFAULT_MAX_ITER, default_tol, residual_flags
 from hesscli.backends.base import Capabilities
 from hesscli.config import Settings
 from hesscli.errors import BackendUnavailable, ConvergenceWarning, InputError, UnsupportedAnalysis
@@ -288,7 +288,7 @@ class EigenthingsBackend:
         ends of one run's Ritz values (a second run with the same start would repeat the
         same products). Every returned vector gets one extra product for its true
         residual; flags and error bounds follow :func:`~hesscli.algorithms.lanczos.residual_flags`
-        (``--tol``, default 1e-6).
+        (``--tol``, default :func:`~hesscli.algorithms.lanczos.default_tol`).
 
         Returns:
             :class:`EigsResult` ordered like the native engine's.
@@ -320,11 +320,12 @@ class EigenthingsBackend:
         n_iter = counter.n
         lam = values.to(torch.float64).cpu()
         res = self._residuals(op, values, vectors.T)
-        bounds, converged, at_floor = residual_flags(lam, res, settings.tol or DEFAULT_TOL, problem.dtype, norm)
+        tol = settings.tol or default_tol(problem.dtype)
+        bounds, converged, at_floor = residual_flags(lam, res, tol, problem.dtype, norm)
         if not bool(converged.all()):
             warnings.warn(
                 f"eigenthings Lanczos: {int(converged.sum())} of {lam.numel()} eigenvalues converged within "
-                f"{n_iter} products (tol={settings.tol or DEFAULT_TOL}); raise --max-iter or loosen --tol",
+                f"{n_iter} products (tol={settings.tol or default_tol(problem.dtype)}); raise --max-iter or loosen --tol",
                 ConvergenceWarning,
                 stacklevel=2,
             )
@@ -355,11 +356,12 @@ class EigenthingsBackend:
         values, vectors = r.eigenvalues[idx], r.eigenvectors[idx]
         lam = values.to(torch.float64).cpu()
         res = self._residuals(op, values, vectors.T)
-        _, converged, _ = residual_flags(lam, res, settings.tol or DEFAULT_TOL, problem.dtype, norm)
+        _, converged, _ = residual_flags(lam, res, settings.tol or default_tol(problem.dtype), problem.dtype,
+                                         norm)
         if not bool(converged.all()):
             warnings.warn(
                 f"eigenthings Lanczos: the extreme eigenvalues did not converge within {steps} products "
-                f"(tol={settings.tol or DEFAULT_TOL}); raise --max-iter or loosen --tol",
+                f"(tol={settings.tol or default_tol(problem.dtype)}); raise --max-iter or loosen --tol",
                 ConvergenceWarning,
                 stacklevel=2,
             )

@@ -47,7 +47,7 @@ COMMON: dict[str, Any] = {
 
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="hutch++ | hutchinson | exact (default: the backend's own; native: hutch++).")]
 ProbesOpt = Annotated[Optional[int], typer.Option("--probes", min=1, help="Trace budget: probes (hutchinson) or products (hutch++). Default 100.")]
-TolOpt = Annotated[Optional[float], typer.Option("--tol", min=0.0, help="eigs/extremes: relative error bound on each eigenvalue (default 1e-6; 1e-10 in float64).")]
+TolOpt = Annotated[Optional[float], typer.Option("--tol", min=0.0, help="eigs/extremes: relative error bound on each eigenvalue (default 1e-4 in float32, 1e-10 in float64; see README, What the flags mean).")]
 TraceTolOpt = Annotated[Optional[float], typer.Option("--tol", min=0.0, help="Target stderr/|trace| (hutchinson): a pilot sample plans the probe count, the estimate averages fresh probes; the --probes budget caps it.")]
 ScanTraceTolOpt = Annotated[Optional[float], typer.Option("--trace-tol", min=0.0, help="trace: target stderr/|trace| (hutchinson; probe count planned from a pilot sample).")]
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Number of eigenvalues per end. Default 10.")]

@@ -244,8 +244,7 @@ def test_kept_tridiagonal_is_the_lanczos_matrix_of_the_start_vector():
         assert math.isclose(float((w * theta**j).sum()), moment, rel_tol=1e-8, abs_tol=1e-8 * 12.0**j)
     longer = lanczos_run(DenseOperator(M), k=1, generator=gen(5), keep_tridiagonal=60)
     plain = lanczos_eigs(DenseOperator(M), k=1, generator=gen(5))
-    # went on for it (plus one product that measures the rounding along the Ritz vector)
-    assert plain.n_iter < 60 and longer.result.n_iter == 60 + 1 and longer.alphas.shape == (60,)
+    assert plain.n_iter < 60 and longer.result.n_iter == 60 and longer.alphas.shape == (60,)  # went on for it
     assert torch.allclose(longer.alphas[:12], run.alphas)  # the same Krylov process
     assert abs(longer.result.eigenvalues[0] - 12.0) <= 1e-10 * 12
     short = lanczos_run(DenseOperator(M), k=1, generator=gen(5), keep_tridiagonal=400)

@@ -242,6 +242,20 @@ def _check_eigs(backend: str, variant: str, r: Any, H: torch.Tensor, settings: S
         c.shape == got.shape and bool(((got - c).abs() <= bound).all()) for c in candidates
     ), (got, candidates, r.residuals, r.converged)
     assert r.n_hvp >= r.n_iter > 0
+    # where a backend states error bounds (native, and the peers from their measured residuals):
+    # each covers the distance to the eigenvalue of its rank, and a converged value is within
+    # its relative tolerance
+    if r.error_bounds:
+        stated = torch.tensor(r.error_bounds, dtype=torch.float64)
+        slack = 4 * torch.finfo(torch.float64).eps * scale
+        rel = settings.tol or (1e-3 if backend == "pyhessian" else 1e-10)  # each backend's default
+        assert any(
+            c.shape == got.shape
+            and bool(((got - c).abs() <= stated + slack).all())
+            and all((abs(g - t) <= rel * abs(t) + slack) or z for g, t, ok, z in
+                    zip(got.tolist(), c.tolist(), r.converged, r.at_floor) if ok)
+            for c in candidates
+        ), (got, candidates, r.error_bounds, r.converged)
 
 
 def _distinct(values: torch.Tensor, tol: float) -> torch.Tensor:

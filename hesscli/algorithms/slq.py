@@ -80,7 +80,7 @@ def slq(
         :class:`DensityResult` with float64 CPU tensors: ``grid``/``density`` (integrating to 1
         on the grid), ``nodes``/``weights`` ``[runs, iters]`` (weights of each run sum to 1),
         ``alphas`` ``[runs, iters]`` and ``betas`` ``[runs, iters - 1]``. A run that meets an
-        exact invariant subspace (``β <= eps^(2/3) · ||T||``, see
+        exact invariant subspace (``β <= 8·eps · ||T||``, rounding noise; see
         :func:`hesscli.algorithms.lanczos.breakdown_tol`; e.g. ``iters > size``) stops early,
         saving its products; its missing nodes repeat its largest node with weight 0, its
         ``alphas`` are padded with that node and its ``betas`` with 0, so the tridiagonal of

@@ -383,8 +383,8 @@ def _method_text() -> str:
 * **Timing.** Each call gets a warm-up run (seed 100) after `gc.collect()` + glibc `malloc_trim(0)`. If the
   warm-up took < 4 s, three timed runs follow (seeds 0, 1, 2) and the median is shown; otherwise the warm-up
   alone is reported (`runs` = 1), except for trace rows, which always get 3 seeds (warm-up included) for their
-  error median; the trace rows compared at the equal ~100-product budget get their errors from 12 seeds (the
-  timed ones plus untimed ones), with quartiles and a Mann-Whitney test of the difference. (BASELINES.md used 6 s; 4 s keeps the whole suite near 30 minutes.)
+  error median; the trace rows compared at the equal ~100-product budget get their errors from 12
+  seeds (the timed ones plus untimed ones), with quartiles and a Mann-Whitney test of the difference. (BASELINES.md used 6 s; 4 s keeps the whole suite near 30 minutes.)
   Errors are medians over the reported runs, worst seed in parentheses when notably larger.
 * **HVP counting** by wrappers: PyHessian `hessian_vector_product` calls; eigenthings `HessianOperator.matvec`
   calls (deflation included); columns through curvlinops `HessianLinearOperator._matmat` (construction checks

@@ -1,4 +1,4 @@
-"""CPU threads: the OpenMP wait policy is set before torch loads, and --threads / `threads` reach torch."""
+"""CPU threads: on a busy machine the OpenMP wait policy is set before torch loads; --threads / `threads` reach torch."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def spy(name, *args, **kwargs):
         seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
     return _import(name, *args, **kwargs)
 builtins.__import__ = spy
+import hesscli.threads
+hesscli.threads.others_runnable = lambda: 99  # a busy machine, whatever the load of the test machine
 from hesscli.cli import main
 builtins.__import__ = _import
 import torch
@@ -66,16 +68,21 @@ def test_cli_sets_the_wait_policy_before_torch_loads_and_applies_threads(tiny):
     assert seen["flag_over_config"] == 2  # the flag wins over the file
 
 
+def test_passive_waiting_only_when_the_machine_is_oversubscribed():
+    two = {"OMP_NUM_THREADS": "2"}
+    for others, cpus, expected in ((0, 2, None), (1, 2, WAIT_POLICY), (3, 2, WAIT_POLICY), (3, 8, None),
+                                   (6, 8, None), (7, 8, WAIT_POLICY), (None, 2, None)):
+        env = dict(two)
+        prepare_environment(env, others=others, cpus=cpus)
+        assert env.get("OMP_WAIT_POLICY") == expected, (others, cpus)
+        assert env["OMP_NUM_THREADS"] == "2"
+
+
 def test_a_wait_policy_the_user_chose_is_kept():
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    prepare_environment(env)
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
-    env = {"GOMP_SPINCOUNT": "1000"}
-    prepare_environment(env)
-    assert env == {"GOMP_SPINCOUNT": "1000"}  # libgomp's own spin setting is a choice too
-    env = {}
-    prepare_environment(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "1000"}):  # libgomp's own spin setting too
+        env = dict(chosen)
+        assert "environment" in prepare_environment(env, others=10, cpus=2)
+        assert env == chosen
 
 
 def test_threads_setting_is_validated(tmp_path, monkeypatch):

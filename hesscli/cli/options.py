@@ -168,8 +168,8 @@ SeedOpt = Annotated[
 ]
 ThreadsOpt = Annotated[
     Optional[int],
-    typer.Option("--threads", min=1, help="CPU threads for the products. Default: one per core; waiting threads sleep "
-                 "(OMP_WAIT_POLICY=PASSIVE unless set), so a shared machine slows a run only to its fair share.",
+    typer.Option("--threads", min=1, help="CPU threads for the products. Default: one per core; on a machine busy at "
+                 "start waiting threads sleep (OMP_WAIT_POLICY=PASSIVE unless set), so a run slows only to its fair share.",
                  metavar="N", rich_help_panel=RUNTIME, show_default=False),
 ]
 ConfigOpt = Annotated[

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,29 @@ def _sweep_ratio(peer: dict[str, Any] | None, native: dict[str, Any] | None) -> 
     return t_peer / t_native, True, why + ")"
 
 
+def _equal_budget_note(native: dict[str, Any], peer: dict[str, Any]) -> str:
+    """Median errors (quartiles) over each row's seeds, and whether the difference is more than noise:
+    the one-sided Mann-Whitney p-value that the lower median comes from the same distribution."""
+    a, b = native.get("errors") or [], peer.get("errors") or []
+    n_a, n_b = len(a) or native["runs"], len(b) or peer["runs"]
+    text = f"hesscli {fmt_err(native['error'])}{_quartiles(a)} vs {fmt_err(peer['error'])}{_quartiles(b)} " \
+           f"(medians over {n_a} / {n_b} seeds"
+    if len(a) >= 5 and len(b) >= 5:
+        from scipy.stats import mannwhitneyu
+
+        lower_first = (a, b) if statistics.median(a) <= statistics.median(b) else (b, a)
+        p = float(mannwhitneyu(*lower_first, alternative="less").pvalue)
+        text += f"; difference {'significant' if p < 0.05 else 'within seed noise'}, Mann-Whitney p = {p:.2g}"
+    return text + ")"
+
+
+def _quartiles(errors: list[float]) -> str:
+    if len(errors) < 5:
+        return ""
+    q1, _, q3 = statistics.quantiles(errors, n=4)
+    return f" [{fmt_err(q1)}-{fmt_err(q3)}]"
+
+
 def compute_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Evaluate every target of the brief on the measured data."""
     out: list[dict[str, Any]] = []
@@ -133,8 +157,7 @@ def compute_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     continue
                 ok = row["error"] is not None and native["error"] < row["error"]
                 add("trace at equal HVP budget: lower error", name, f"{row['library']} {row['call']}",
-                    None, False, None, f"hesscli {fmt_err(native['error'])} vs {fmt_err(row['error'])} "
-                    f"(medians over {native['runs']} / {row['runs']} seeds)", ok)
+                    None, False, None, _equal_budget_note(native, row), ok)
         for lib, nat_prefix, peer_prefix in (("pyhessian", "density --runs 1 --iters 100", "density() + torch.eig"),
                                              ("eigenthings", "density --runs 10", "spectral_density() defaults")):
             a = find_row(rows, "density", "hesscli", nat_prefix)
@@ -360,7 +383,8 @@ def _method_text() -> str:
 * **Timing.** Each call gets a warm-up run (seed 100) after `gc.collect()` + glibc `malloc_trim(0)`. If the
   warm-up took < 4 s, three timed runs follow (seeds 0, 1, 2) and the median is shown; otherwise the warm-up
   alone is reported (`runs` = 1), except for trace rows, which always get 3 seeds (warm-up included) for their
-  error median. (BASELINES.md used 6 s; 4 s keeps the whole suite near 30 minutes.)
+  error median; the trace rows compared at the equal ~100-product budget get their errors from 12
+  seeds (the timed ones plus untimed ones), with quartiles and a Mann-Whitney test of the difference. (BASELINES.md used 6 s; 4 s keeps the whole suite near 30 minutes.)
   Errors are medians over the reported runs, worst seed in parentheses when notably larger.
 * **HVP counting** by wrappers: PyHessian `hessian_vector_product` calls; eigenthings `HessianOperator.matvec`
   calls (deflation included); columns through curvlinops `HessianLinearOperator._matmat` (construction checks

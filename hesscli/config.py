@@ -48,6 +48,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "float32"
     seed: int = 0
+    threads: int | None = None  # CPU threads of torch's kernels (None: torch's own choice, one per core)
     # outputs
     out: Path = Path("hesscli-results")
     json: bool = False
@@ -101,7 +102,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 """Allowed values of the options that take one of a fixed set of words."""
 
-POSITIVE: tuple[str, ...] = ("batch_size", "max_samples", "probes", "top_k", "max_iter", "iters", "runs", "grid")
+POSITIVE: tuple[str, ...] = ("batch_size", "max_samples", "probes", "top_k", "max_iter", "iters", "runs", "grid",
+                            "threads")
 """Integer options that must be >= 1."""
 
 _ALIASES = {"model_arg": "model_args", "forward_arg": "forward_args", "param": "params", "analysis": "analyses",

@@ -10,10 +10,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import typer
+from hesscli.threads import prepare_environment
 
-from hesscli.cli.app import app
-from hesscli.errors import HesscliError
+prepare_environment()  # before anything below imports torch: OpenMP reads it once, when it is loaded
+
+import typer  # noqa: E402
+
+from hesscli.cli.app import app  # noqa: E402
+from hesscli.errors import HesscliError  # noqa: E402
 
 # Command modules register themselves on ``app`` when imported.
 from hesscli.cli import info  # noqa: E402,F401  (hesscli info)

@@ -37,6 +37,7 @@ COMMON: dict[str, Any] = {
     "device": o.DeviceOpt,
     "dtype": o.DtypeOpt,
     "seed": o.SeedOpt,
+    "threads": o.ThreadsOpt,
     "out": o.OutOpt,
     "config": o.ConfigOpt,
     "trust_code": o.TrustCodeOpt,

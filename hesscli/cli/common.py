@@ -13,6 +13,7 @@ from rich.logging import RichHandler
 
 from hesscli.config import Settings, find_config, parse_model_args, resolve
 from hesscli.results.fileops import path_text
+from hesscli.threads import apply_threads
 
 __all__ = ["settings_from", "console", "err_console", "setup_logging", "print_json"]
 
@@ -71,6 +72,7 @@ def settings_from(command: str, **flag_values: Any) -> Settings:
                    err=True)
     for line in ignored:  # a security note: shown even with --quiet
         typer.echo(f"warning: {path_text(line)}", err=True)
+    apply_threads(settings.threads)
     return settings
 
 

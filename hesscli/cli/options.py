@@ -29,6 +29,7 @@ __all__ = [
     "DeviceOpt",
     "DtypeOpt",
     "SeedOpt",
+    "ThreadsOpt",
     "OutOpt",
     "ConfigOpt",
     "TrustCodeOpt",
@@ -164,6 +165,12 @@ SeedOpt = Annotated[
     Optional[int],
     typer.Option("--seed", help="Seed for the sample subset and the random probes. Default 0.", metavar="N",
                  rich_help_panel=RUNTIME, show_default=False),
+]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", min=1, help="CPU threads for the products. Default: one per core; on a machine busy at "
+                 "start waiting threads sleep (OMP_WAIT_POLICY=PASSIVE unless set), so a run slows only to its fair share.",
+                 metavar="N", rich_help_panel=RUNTIME, show_default=False),
 ]
 ConfigOpt = Annotated[
     Optional[Path],

@@ -296,7 +296,7 @@ def write_report(results: dict[str, Any], path: Path) -> str:
         L.append("")
         sweeps = w.get("sweeps", [])
         if sweeps:
-            L.append(f"**Equal accuracy** (cheapest setting whose median error meets the target):\n")
+            L.append("**Equal accuracy** (cheapest setting whose median error meets the target):\n")
             L.append("| target | library | call | setting | time | HVPs | error | met | settings tried |")
             L.append("|---|---|---|---|---|---|---|---|---|")
             for s in sweeps:

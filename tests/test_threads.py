@@ -94,3 +94,13 @@ def test_threads_setting_is_validated(tmp_path, monkeypatch):
     (tmp_path / "hesscli.toml").write_text('threads = "many"\n')
     with pytest.raises(InputError, match="threads must be an integer"):
         resolve({})
+
+
+def test_python_api_refuses_threads_instead_of_ignoring_it():
+    import torch
+
+    import hesscli
+
+    X, y = torch.randn(8, 3), torch.randn(8, 1)
+    with pytest.raises(InputError, match="torch.set_num_threads"):
+        hesscli.trace(torch.nn.Linear(3, 1), "mse", (X, y), threads=2)

@@ -236,7 +236,6 @@ class _BlockLanczos:
         self.R = torch.zeros(0, 0, dtype=torch.float64)
         self.dropped2 = 0.0
         self.anorm = 0.0
-        self.broke = 0  # columns of next blocks replaced after a breakdown
         self.plain = True  # single vector, no restart, no breakdown: H[:m, :m] is the Lanczos matrix
         self.vanished = False
         self.exhausted = False
@@ -346,7 +345,6 @@ class _BlockLanczos:
                 beta = float(host[need * b + j])
             if beta <= tiny:
                 self.dropped2 += beta * beta
-                self.broke += 1
                 logger.debug("Lanczos: block column %d vanished (β = %.3g) after %d basis vectors", j, beta, need)
                 continue
             if beta < 1e-2 * float(torch.linalg.vector_norm(C[:, j])):  # lost digits: once more

@@ -232,6 +232,9 @@ def _settings(options: dict[str, Any]) -> Settings:
     unknown = sorted(set(options) - names)
     if unknown:
         raise InputError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(names))}")
+    if options.get("threads") is not None:  # a process-wide setting: the caller owns it
+        raise InputError(f"threads={options['threads']!r}: the Python API leaves torch's threads to the caller; "
+                         "call torch.set_num_threads(N) before the analysis instead")
     if "params" in options and isinstance(options["params"], str):
         options["params"] = (options["params"],)
     return Settings(**options)

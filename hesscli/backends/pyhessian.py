@@ -33,7 +33,6 @@ import copy
 import functools
 import importlib
 import logging
-import math
 import warnings
 from types import ModuleType
 from typing import Any, Callable, Iterator

@@ -8,7 +8,6 @@ tensor arithmetic keeps every loss usable with ``torch.func.jvp(torch.func.grad(
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Callable
 
 import torch

@@ -8,6 +8,7 @@ tensor arithmetic keeps every loss usable with ``torch.func.jvp(torch.func.grad(
 from __future__ import annotations
 
 import inspect
+import math  # noqa: F401  (used by the doctests)
 from typing import Callable
 
 import torch

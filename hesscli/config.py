@@ -9,12 +9,12 @@ import ast
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
 from hesscli.errors import InputError
+from hesscli.options import EngineOptions, OptionInfo, ProblemSpec, RunOptions, declared, project
 
 try:  # Python >= 3.11
     import tomllib as _toml
@@ -22,63 +22,83 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 needs the tomli ba
     import tomli as _toml  # type: ignore[no-redef]
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Every option of every command, with its default. Field names match the flags
-    (``--batch-size`` -> ``batch_size``)."""
+class _SettingsBase:
+    """Views of the flat settings for each layer (see :mod:`hesscli.options`)."""
 
-    # inputs
-    data: str | None = None
-    model: str | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
-    loss: str = "cross_entropy"
-    batch_size: int = 512
-    max_samples: int | None = None
-    trust_code: bool = False  # --trust-code: whole pickles and TorchScript archives may be loaded
-    trust_pickle: bool = False  # older name of trust_code; the two always hold the same value
-    target_key: str = "labels"  # dict samples: the key held back as the loss target
-    forward_args: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments of forward
-    output: str | None = None  # which tensor of a ModelOutput/dict/tuple the loss sees (default: logits)
-    batchnorm: str = "running"  # running | batch  (BatchNorm statistics during the analysis)
-    # curvature
-    curvature: str = "hessian"  # hessian | ggn
-    params: tuple[str, ...] = ()
-    backend: str = "native"  # native | pyhessian | eigenthings | backpack
-    hvp: str = "auto"  # auto | func | autograd  (product path of the native engine)
-    device: str = "auto"
-    dtype: str = "float32"
-    seed: int = 0
-    threads: int | None = None  # CPU threads of torch's kernels (None: torch's own choice, one per core)
-    # outputs
-    out: Path = Path("hesscli-results")
-    json: bool = False
-    quiet: bool = False
-    debug: bool = False
-    # trace
-    method: str | None = None  # hutchinson | hutch++ | exact; None: the backend's default (native: hutch++)
-    probes: int = 100
-    tol: float | None = None  # eigs / extremes: relative error bound (default 1e-4 float32, 1e-10 float64)
-    trace_tol: float | None = None  # trace: target stderr/|estimate|, probe count planned from a pilot (``trace --tol``)
-    # eigs / extremes
-    top_k: int = 10
-    which: str = "largest"  # largest | smallest | both
-    max_iter: int | None = None
-    save_vectors: bool = False
-    # density
-    iters: int = 80
-    runs: int = 5
-    sigma: float | None = None
-    grid: int = 1000
-    # scan
-    analyses: tuple[str, ...] = ("trace", "eigs", "extremes", "density")
-    glob: str = "*"
-    resume: bool = True
-    shard: str | None = None  # "I/N"
+    if TYPE_CHECKING:  # the fields are generated from the option declarations
+        def __init__(self, **values: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def __post_init__(self) -> None:
-        trust = bool(self.trust_code or self.trust_pickle)
+        trust = bool(getattr(self, "trust_code") or getattr(self, "trust_pickle"))
         object.__setattr__(self, "trust_code", trust)
         object.__setattr__(self, "trust_pickle", trust)
+
+    @property
+    def problem(self) -> ProblemSpec:
+        """What is analysed (read by :mod:`hesscli.loading`)."""
+        return project(ProblemSpec, self)  # type: ignore[no-any-return]
+
+    @property
+    def engine(self) -> EngineOptions:
+        """How products are computed (given to the backend)."""
+        return project(EngineOptions, self)  # type: ignore[no-any-return]
+
+    @property
+    def run(self) -> RunOptions:
+        """Where results go and how the run behaves."""
+        return project(RunOptions, self)  # type: ignore[no-any-return]
+
+    def options(self, analysis: str) -> Any:
+        """The options of ``analysis`` (its own dataclass)."""
+        from hesscli.analyses import get
+
+        return get(analysis).options(self)
+
+
+def _declarations() -> dict[str, tuple[dataclasses.Field[Any], OptionInfo]]:
+    """Every option key with its field and info; keys shared by several analyses must agree."""
+    from hesscli.analyses import REGISTRY
+
+    groups: list[type] = [ProblemSpec, EngineOptions, RunOptions, *(a.Options for a in REGISTRY.values())]
+    out: dict[str, tuple[dataclasses.Field[Any], OptionInfo]] = {}
+    for cls in groups:
+        for key, f, meta in declared(cls):
+            if key in out:
+                prev, prev_meta = out[key]
+                if (prev.default, prev.type, prev_meta.help) != (f.default, f.type, meta.help):
+                    raise TypeError(f"option {key!r} is declared twice with different defaults, types or help "
+                                    f"({cls.__name__}); give one of them its own key")
+                continue
+            out[key] = (f, meta)
+    return out
+
+
+DECLARED = _declarations()
+"""Option key -> (dataclass field, :class:`OptionInfo`), for every option of every layer."""
+
+
+def _make_settings() -> type[_SettingsBase]:
+    fields: list[tuple[str, Any, Any]] = []
+    for key, (f, meta) in DECLARED.items():
+        kwargs: dict[str, Any] = {"metadata": f.metadata}
+        if f.default_factory is not dataclasses.MISSING:
+            kwargs["default_factory"] = f.default_factory
+        else:
+            kwargs["default"] = f.default
+        fields.append((key, f.type, dataclasses.field(**kwargs)))
+    # the older name of trust_code; the two always hold the same value
+    fields.append(("trust_pickle", "bool", dataclasses.field(default=False)))
+    cls = dataclasses.make_dataclass("Settings", fields, bases=(_SettingsBase,), frozen=True,
+                                     namespace={"__module__": __name__, "__doc__": (
+                                         "Every option of every command, with its default, generated from the "
+                                         "declarations in :mod:`hesscli.options` and :mod:`hesscli.analyses`. "
+                                         "Field names match the flags (``--batch-size`` -> ``batch_size``).")})
+    return cls
+
+
+Settings = _make_settings()
 
 
 # --------------------------------------------------------------------------------------
@@ -88,26 +108,36 @@ class Settings:
 CONFIG_NAME = "hesscli.toml"
 """File looked up in the working directory when ``--config`` is not given."""
 
-COMMANDS: tuple[str, ...] = ("info", "trace", "eigs", "extremes", "density", "scan", "plot")
+
+def _commands() -> tuple[str, ...]:
+    from hesscli.analyses import NAMES
+
+    return ("info", *NAMES, "scan", "plot")
+
+
+COMMANDS: tuple[str, ...] = _commands()
 """Per-command tables allowed in ``hesscli.toml`` (``[trace] probes = 200``)."""
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "curvature": ("hessian", "ggn"),
-    "backend": ("native", "pyhessian", "eigenthings", "backpack"),
-    "hvp": ("auto", "func", "autograd"),
-    "dtype": ("float32", "float64"),
-    "method": ("hutchinson", "hutch++", "exact"),
-    "which": ("largest", "smallest", "both"),
-    "batchnorm": ("running", "batch"),
-}
+CHOICES: dict[str, tuple[str, ...]] = {k: m.choices for k, (_, m) in DECLARED.items() if m.choices}
 """Allowed values of the options that take one of a fixed set of words."""
 
-POSITIVE: tuple[str, ...] = ("batch_size", "max_samples", "probes", "top_k", "max_iter", "iters", "runs", "grid",
-                            "threads")
+MINIMUM: dict[str, float] = {k: m.minimum for k, (_, m) in DECLARED.items() if m.minimum is not None}
+"""Smallest allowed value of the numeric options that have one."""
+
+POSITIVE: tuple[str, ...] = tuple(k for k, v in MINIMUM.items() if v >= 1)
 """Integer options that must be >= 1."""
 
-_ALIASES = {"model_arg": "model_args", "forward_arg": "forward_args", "param": "params", "analysis": "analyses",
-            "trust_pickle": "trust_code"}
+
+def _aliases() -> dict[str, str]:
+    out = {"param": "params", "analysis": "analyses", "trust_pickle": "trust_code"}
+    for key, (f, meta) in DECLARED.items():
+        for flag in meta.flags:
+            if flag.startswith("--"):
+                out.setdefault(flag[2:].replace("-", "_"), key)
+    return out
+
+
+_ALIASES = _aliases()
 _DICTS = ("model_args", "forward_args")
 
 TRUST_KEYS: tuple[str, ...] = ("trust_code",)
@@ -115,6 +145,15 @@ TRUST_KEYS: tuple[str, ...] = ("trust_code",)
 config file named with ``--config``, never from a ``hesscli.toml`` found implicitly."""
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
+
+def command_keys(command: str | None) -> dict[str, str]:
+    """Names an analysis's own ``[command]`` table (and its command line) may use -> option keys
+    (``[trace] tol`` is ``trace_tol``)."""
+    from hesscli.analyses import REGISTRY
+
+    if command not in REGISTRY:
+        return {}
+    return {f.name: key for key, f, _ in declared(REGISTRY[command].Options) if f.name != key}
 
 def parse_model_args(items: list[str] | tuple[str, ...], *, source: str = "--model-arg") -> dict[str, Any]:
     """Parse ``key=value`` strings into factory keyword arguments.
@@ -243,10 +282,12 @@ def _anchor_spec(key: str, spec: str, base: Path) -> str:
     return spec  # a loss name such as "mse", or an invalid model spec reported later
 
 
-def _normalise(raw: Mapping[str, object], where: str, valid: set[str]) -> dict[str, object]:
+def _normalise(raw: Mapping[str, object], where: str, valid: set[str],
+               local: Mapping[str, str] | None = None) -> dict[str, object]:
     out: dict[str, object] = {}
     for k, v in raw.items():
-        key = _ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))
+        name = k.replace("-", "_")
+        key = (local or {}).get(name) or _ALIASES.get(name, name)
         if key not in valid:
             names = ", ".join(sorted(n.replace("_", "-") for n in valid))
             raise InputError(f"{where}: unknown key {k!r}; valid keys are: {names}")
@@ -265,18 +306,28 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _validate(key: str, value: object, where: str) -> None:
+    if value is None:
+        return
     if key in CHOICES and value not in CHOICES[key]:
         raise InputError(f"{where} {value!r} is not one of {'|'.join(CHOICES[key])}")
-    if key in POSITIVE and value is not None and int(value) < 1:  # type: ignore[call-overload]
-        raise InputError(f"{where} must be at least 1, got {value}")
-    if key == "shard" and value is not None:
+    if key == "analyses":
+        from hesscli.analyses import REGISTRY
+
+        for name in value:  # type: ignore[attr-defined]
+            if name not in REGISTRY:
+                raise InputError(f"{where}: unknown analysis {name!r}; choose from {', '.join(REGISTRY)}")
+    meta = DECLARED[key][1] if key in DECLARED else None
+    if meta is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if meta.positive and value <= 0:
+            raise InputError(f"{where} must be positive, got {value}")
+        if meta.minimum is not None and value < meta.minimum:
+            if meta.minimum == 0:
+                raise InputError(f"{where} must not be negative, got {value}")
+            raise InputError(f"{where} must be at least {meta.minimum:g}, got {value}")
+    if key == "shard":
         m = _SHARD_RE.match(str(value))
         if not m or not (1 <= int(m.group(1)) <= int(m.group(2))):
             raise InputError(f"{where} {value!r} must look like I/N with 1 <= I <= N, e.g. --shard 2/4")
-    if key == "sigma" and value is not None and float(value) <= 0:  # type: ignore[arg-type]
-        raise InputError(f"{where} must be positive, got {value}")
-    if key == "tol" and value is not None and float(value) < 0:  # type: ignore[arg-type]
-        raise InputError(f"{where} must not be negative, got {value}")
 
 
 def find_config(config_file: Path | str | None = None) -> Path | None:
@@ -337,13 +388,13 @@ def resolve(
         doc = _read_toml(path)
         base = path.resolve().parent
         top = {k: v for k, v in doc.items() if not (k in COMMANDS and isinstance(v, dict))}
-        layers: list[tuple[str, Mapping[str, object]]] = [(f"{path.name}", top)]
+        layers: list[tuple[str, Mapping[str, object], Mapping[str, str]]] = [(f"{path.name}", top, {})]
         for name in COMMANDS:
             table = doc.get(name)
             if isinstance(table, dict) and name == command:
-                layers.append((f"{path.name} [{name}]", table))
-        for where, layer in layers:
-            for key, raw in _normalise(layer, where, valid).items():
+                layers.append((f"{path.name} [{name}]", table, command_keys(name)))
+        for where, layer, local in layers:
+            for key, raw in _normalise(layer, where, valid, local).items():
                 value = _coerce(key, raw, f"{where}: {key.replace('_', '-')}")
                 if key in TRUST_KEYS and config_file is None:
                     if value and ignored is not None:
@@ -363,6 +414,8 @@ def resolve(
 
     for k, raw in (cli_values or {}).items():
         key = _ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))
+        if key == "trust_pickle":
+            key = "trust_code"
         if key not in valid:
             raise TypeError(f"resolve() got an unknown setting {k!r}")
         if raw is None or (isinstance(raw, (list, tuple, dict)) and not raw and key in ("params", "analyses", *_DICTS)):

@@ -38,9 +38,13 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
+
+
+def current() -> DistContext:
+    """The context of an initialised process group, else a single process (never joins one)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistContext()
 
 
 def context(device: str = "auto") -> DistContext:
@@ -50,7 +54,7 @@ def context(device: str = "auto") -> DistContext:
     when ``WORLD_SIZE`` is unset or 1.
     """
     if dist.is_available() and dist.is_initialized():
-        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return current()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available():
         return DistContext()

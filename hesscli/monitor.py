@@ -8,10 +8,11 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from hesscli.api import ANALYSES, analyse
+from hesscli.analyses import REGISTRY
 from hesscli.config import Settings
 from hesscli.errors import InputError
 from hesscli.results.records import Outcome
+from hesscli.runner import CheckpointRunner
 
 
 class CurvatureMonitor:
@@ -27,7 +28,9 @@ class CurvatureMonitor:
         loss: loss name (``"cross_entropy"``, ``"mse"``, ...) or ``callable(outputs, targets)``.
         data: ``(inputs, targets)`` tensors, a torch ``Dataset`` or ``DataLoader`` (the fixed
             dataset whose mean loss is analysed; keep it the same across steps).
-        analyses: any of ``trace``, ``eigs``, ``extremes``, ``density``.
+        analyses: any registered analyses (``trace``, ``eigs``, ``extremes``, ``density``, ...); one
+            Lanczos run serves eigs, extremes and density as in a scan, and an analysis that
+            fails is written as a ``failed`` runs row (its error text) without stopping the others.
         every: measure when ``step % every == 0``.
         out: results folder (default ``hesscli-results``).
         name: label written to the ``checkpoint`` column (``"{name}@step={step}"``).
@@ -43,17 +46,18 @@ class CurvatureMonitor:
 
     def __init__(self, loss: Any, data: Any, *, analyses: Sequence[str] = ("trace", "eigs"), every: int = 500,
                  out: str | Path = "hesscli-results", name: str = "train", **options: Any) -> None:
-        unknown = [a for a in analyses if a not in ANALYSES]
+        unknown = [a for a in analyses if a not in REGISTRY]
         if unknown:
-            raise InputError(f"analyses: unknown {unknown}; choose from {', '.join(ANALYSES)}")
+            raise InputError(f"analyses: unknown {unknown}; choose from {', '.join(REGISTRY)}")
         if every < 1:
             raise InputError(f"every must be >= 1, got {every}")
-        fields = {f.name for f in dataclasses.fields(Settings)}
+        fields = {f.name for f in dataclasses.fields(Settings)}  # type: ignore[arg-type]
         bad = sorted(set(options) - fields)
         if bad:
             raise InputError(f"unknown option(s) {', '.join(bad)}; valid: {', '.join(sorted(fields))}")
         self.loss, self.data, self.analyses, self.every, self.name = loss, data, tuple(analyses), every, name
         self.settings = Settings(out=Path(out), **options)
+        self.runner = CheckpointRunner(self.settings, self.analyses)  # what the backend cannot do fails here
         self.history: list[Outcome] = []
 
     def step(self, model: nn.Module, step: int, *, force: bool = False) -> list[Outcome]:
@@ -70,7 +74,7 @@ class CurvatureMonitor:
         problem = problem_from_python(model, self.loss, self.data, self.settings)  # a private copy
         problem.checkpoint.source = f"{self.name}@step={step}"
         problem.checkpoint.step = step
-        outcomes = [analyse(problem, a, self.settings) for a in self.analyses]
+        outcomes = self.runner.run(problem)
         write_outcomes(self.settings.out, outcomes)
         self.history.extend(outcomes)
         return outcomes

@@ -21,9 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from hesscli.api import analyse, check_supported, failed_outcome, options_key, with_backend_defaults
 from hesscli.config import Settings
-from hesscli.errors import HesscliError, InputError
+from hesscli.errors import InputError
 from hesscli.results.fileops import path_text
 from hesscli.results.records import Outcome
 
@@ -371,14 +370,13 @@ def run_scan(
         InputError: bad scan-level input (no checkpoints, bad data/loss spec, bad --shard) before
             any checkpoint is analysed.
     """
-    from hesscli.backends import get_backend
-    from hesscli.loading import build_problem, load_checkpoint, load_data, load_loss, resolve_device, resolve_dtype
+    from hesscli.distributed import DistContext
+    from hesscli.loading import ProblemLoader
     from hesscli.results.claims import claim, release
+    from hesscli.runner import CheckpointRunner
 
-    analyses = list(analyses or settings.analyses)
-    for a in analyses:
-        if a not in ("trace", "eigs", "extremes", "density"):
-            raise InputError(f"--analyses: unknown analysis {a!r}; choose from trace, eigs, extremes, density")
+    runner = CheckpointRunner(settings, list(analyses or settings.analyses), reduce=reduce, on_matvecs=on_matvecs)
+    names = runner.names
     exclude = [settings.data] if settings.data and Path(settings.data).is_file() else []
     kept, duplicates = dedupe_checkpoints(order_checkpoints(find_checkpoints(target, settings.glob, exclude)))
     entries = take_shard(kept, settings.shard)
@@ -387,15 +385,7 @@ def run_scan(
                         duplicates=[(path_text(d.path), path_text(k.path)) for d, k in duplicates if id(k) in mine])
     for dup, same in report.duplicates:
         logger.info("%s has the same content as %s: analysed once", dup, same)
-    device, dtype = resolve_device(settings.device), resolve_dtype(settings.dtype)
-    loss = load_loss(settings.loss)
-    data = load_data(settings, device=device, dtype=dtype, rank=rank, world_size=world_size)
-    kwargs: dict[str, object] = {"on_matvecs": on_matvecs}
-    if reduce is not None:
-        kwargs["reduce"] = reduce
-    backend = get_backend(settings.backend, **kwargs)
-    for a in analyses:  # refuse what the backend cannot do before touching any checkpoint
-        check_supported(backend, a, with_backend_defaults(backend, a, settings))
+    loader = ProblemLoader(settings, DistContext(rank, world_size)).prepare()  # bad data stops here, once
     done_index = _Done(settings.out)
     done = done_index.refresh() if settings.resume else set()
     use_claims = settings.resume and write is not None and rank == 0
@@ -407,15 +397,14 @@ def run_scan(
         try:
             sha = entry.sha256 or sha256_of(entry.path)
         except OSError as e:
-            outcomes = [failed_outcome(name, a, settings, f"cannot read {name}: {e.strerror or e}", step=entry.step)
-                        for a in analyses]
+            outcomes = runner.failed(name, names, f"cannot read {name}: {e.strerror or e}", step=entry.step)
             report.outcomes.extend(outcomes)
             if write is not None:
                 write(outcomes)
             continue
-        keys = {a: (sha, a, options_key(a, with_backend_defaults(backend, a, settings))) for a in analyses}
-        todo = [a for a in analyses if keys[a] not in done]
-        report.skipped.extend((name, a) for a in analyses if a not in todo)
+        keys = runner.resume_keys(sha)
+        todo = [a for a in names if keys[a] not in done]
+        report.skipped.extend((name, a) for a in names if a not in todo)
         claims: dict[str, Path] = {}
         try:
             if use_claims and todo:
@@ -430,30 +419,16 @@ def run_scan(
                     report.skipped.extend((name, a) for a in claims if keys[a] in done)
                 todo = [a for a in todo if a in claims and keys[a] not in done]
             if reduce is not None and world_size > 1:
-                todo = _agree(todo, analyses, rank, reduce, device)
+                todo = _agree(todo, names, rank, reduce, loader.device)
             if not todo:
                 continue
-            outcomes: list[Outcome] = []
             try:
-                loaded = load_checkpoint(entry.path, settings)
-                if loaded.step is None:
-                    loaded.step = entry.step
-                problem = build_problem(loaded, data, loss, settings, device=device, dtype=dtype)
+                problem = loader.load(entry.path, step=entry.step)
             except Exception as e:  # noqa: BLE001 - isolate any failure of one checkpoint
                 logger.debug("loading %s failed", name, exc_info=True)
-                msg = str(e) if isinstance(e, HesscliError) else f"{type(e).__name__}: {e}"
-                outcomes = [failed_outcome(name, a, settings, msg, sha256=sha, step=entry.step) for a in todo]
+                outcomes = runner.failed(name, todo, e, sha256=sha, step=entry.step)
             else:
-                if hasattr(backend, "plan"):  # lets one Lanczos run serve several analyses
-                    backend.plan(problem, todo, settings)
-                for a in todo:
-                    try:
-                        outcomes.append(analyse(problem, a, settings, reduce=reduce, backend=backend))
-                    except Exception as e:  # noqa: BLE001
-                        logger.debug("%s on %s failed", a, name, exc_info=True)
-                        msg = str(e) if isinstance(e, HesscliError) else f"{type(e).__name__}: {e}"
-                        outcomes.append(failed_outcome(name, a, settings, msg, sha256=sha,
-                                                       step=problem.checkpoint.step, problem=problem))
+                outcomes = runner.run(problem, todo)
             report.outcomes.extend(outcomes)
             if write is not None:
                 write(outcomes)

@@ -7,9 +7,14 @@ and the native engine work without them.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from hesscli.errors import BackendUnavailable, InputError
+from hesscli.options import EngineOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hesscli.backends.base import Backend, Reduce
 
 REGISTRY: dict[str, str] = {
     "native": "hesscli.backends.native:NativeBackend",
@@ -19,15 +24,26 @@ REGISTRY: dict[str, str] = {
 }
 
 PACKAGES = {"pyhessian": "pyhessian", "eigenthings": "eigenthings", "backpack": "backpack"}
+"""Backend name -> the extra that installs its library (``pip install 'hesscli[NAME]'``)."""
 
 
-def get_backend(name: str, **kwargs: Any) -> Any:
-    """Instantiate backend ``name``.
+def get_backend(engine: str | EngineOptions = "native", *, reduce: Reduce | None = None,
+                on_matvecs: Callable[[int], None] | None = None) -> Backend:
+    """Build the backend of ``engine`` (a name, or engine options with curvature and product path).
+
+    Args:
+        engine: ``"native"`` | ``"pyhessian"`` | ``"eigenthings"`` | ``"backpack"``, or
+            :class:`~hesscli.options.EngineOptions` (a name alone means the default curvature).
+        reduce: all-reduce for products under torch.distributed (``None`` in one process).
+        on_matvecs: progress callback receiving the running product count.
 
     Raises:
         InputError: unknown name.
         BackendUnavailable: its third-party package is not installed (the message says how to install it).
     """
+    if isinstance(engine, str):
+        engine = EngineOptions(backend=engine)
+    name = engine.backend
     if name not in REGISTRY:
         raise InputError(f"--backend {name!r}: unknown backend; choose one of {', '.join(REGISTRY)}")
     module_name, cls_name = REGISTRY[name].split(":")
@@ -39,4 +55,4 @@ def get_backend(name: str, **kwargs: Any) -> Any:
         raise BackendUnavailable(
             f"--backend {name!r} needs the package {e.name!r}: pip install 'hesscli[{PACKAGES.get(name, name)}]'"
         ) from e
-    return getattr(module, cls_name)(**kwargs)
+    return cast("Backend", getattr(module, cls_name)(engine, reduce=reduce, on_matvecs=on_matvecs))

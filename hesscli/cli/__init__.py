@@ -22,8 +22,7 @@ from hesscli.errors import HesscliError  # noqa: E402
 # Command modules register themselves on ``app`` when imported.
 from hesscli.cli import info  # noqa: E402,F401  (hesscli info)
 
-# Further command modules (analyses, scan, plot) are imported here, e.g.:
-from hesscli.cli import analyses  # noqa: E402,F401  (trace, eigs, extremes, density, scan, plot)
+from hesscli.cli import commands  # noqa: E402,F401  (one command per analysis, scan, plot)
 
 __all__ = ["app", "main"]
 

@@ -1,48 +1,26 @@
-"""Options shared by every command, written once as ``Annotated`` aliases.
+"""Typer options generated from the option declarations (:mod:`hesscli.options`, :mod:`hesscli.analyses`).
 
 Every option defaults to ``None`` ("not given"), so ``hesscli.toml`` values and the
 built-in defaults apply unless the user passes the flag (see :func:`hesscli.config.resolve`).
+A command's function signature is built here; its body receives the values keyed by
+option key.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-__all__ = [
-    "CheckpointArg",
-    "DataOpt",
-    "ModelOpt",
-    "ModelArgOpt",
-    "LossOpt",
-    "TargetKeyOpt",
-    "ForwardArgOpt",
-    "OutputOpt",
-    "BatchnormOpt",
-    "BatchSizeOpt",
-    "MaxSamplesOpt",
-    "CurvatureOpt",
-    "ParamsOpt",
-    "BackendOpt",
-    "DeviceOpt",
-    "DtypeOpt",
-    "SeedOpt",
-    "ThreadsOpt",
-    "OutOpt",
-    "ConfigOpt",
-    "TrustCodeOpt",
-    "TrustPickleOpt",
-    "JsonOpt",
-    "QuietOpt",
-    "DebugOpt",
-]
+from hesscli.options import RUNTIME, EngineOptions, OptionInfo, ProblemSpec, RunOptions, declared
 
-INPUTS = "Inputs"
-CURVATURE = "Curvature"
-RUNTIME = "Runtime"
-OUTPUT = "Output"
+__all__ = ["CheckpointArg", "ConfigOpt", "Spec", "problem_options", "engine_options", "run_options",
+           "analysis_options", "make_command"]
 
 CheckpointArg = Annotated[
     Path,
@@ -52,147 +30,96 @@ CheckpointArg = Annotated[
         show_default=False,
     ),
 ]
-DataOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--data",
-        help="Data: a .pt file with (inputs, targets), a dict inputs/targets (x/y, X/y) or a TensorDataset; "
-        "an .npz file; pkg.module:callable or file.py:callable; torchvision:NAME?root=DIR&train=false.",
-        metavar="SPEC",
-        rich_help_panel=INPUTS,
-        show_default=False,
-    ),
-]
-ModelOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--model",
-        help="Model factory for state_dict/safetensors checkpoints: pkg.module:callable or path/to/file.py:callable.",
-        metavar="SPEC",
-        rich_help_panel=INPUTS,
-        show_default=False,
-    ),
-]
-ModelArgOpt = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "--model-arg",
-        help="Keyword argument of the model factory, KEY=VALUE (value read as a Python literal); repeatable.",
-        metavar="KEY=VALUE",
-        rich_help_panel=INPUTS,
-        show_default=False,
-    ),
-]
-LossOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--loss",
-        help="cross_entropy (default) | mse | bce_with_logits | nll | huber | causal_lm | token_cross_entropy | "
-        "pkg.module:callable | "
-        "file.py:callable taking (outputs, targets).",
-        metavar="NAME|SPEC",
-        rich_help_panel=INPUTS,
-        show_default=False,
-    ),
-]
-TargetKeyOpt = Annotated[
-    Optional[str],
-    typer.Option("--target-key", help="Dict samples: the key held back as the loss target; the rest are passed "
-                 "as model(**inputs). Default labels.", metavar="KEY", rich_help_panel=INPUTS, show_default=False),
-]
-ForwardArgOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--forward-arg", help="Fixed keyword argument of the model's forward, KEY=VALUE (value read as a "
-                 "Python literal); repeatable.", metavar="KEY=VALUE", rich_help_panel=INPUTS, show_default=False),
-]
-OutputOpt = Annotated[
-    Optional[str],
-    typer.Option("--output", help="Which output the loss sees when the model returns a ModelOutput/dict (a key) "
-                 "or tuple (an index). Default logits (first element of a tuple).", metavar="KEY",
-                 rich_help_panel=INPUTS, show_default=False),
-]
-BatchnormOpt = Annotated[
-    Optional[str],
-    typer.Option("--batchnorm", help="BatchNorm statistics: running (default, eval mode) | batch (each batch's own "
-                 "statistics; running averages are never updated).", metavar="running|batch",
-                 rich_help_panel=INPUTS, show_default=False),
-]
-BatchSizeOpt = Annotated[
-    Optional[int],
-    typer.Option("--batch-size", help="Samples per chunk (memory only; the loss is always the mean over all "
-                 "selected samples). Default 512.", metavar="B", rich_help_panel=INPUTS, show_default=False),
-]
-MaxSamplesOpt = Annotated[
-    Optional[int],
-    typer.Option("--max-samples", help="Use a seeded random subset of N samples. Default: all.", metavar="N",
-                 rich_help_panel=INPUTS, show_default=False),
-]
-TrustCodeOpt = Annotated[
-    Optional[bool],
-    typer.Option("--trust-code", "--trust-pickle",
-                 help="Load inputs that are code: whole pickled modules/objects (full unpickling) and TorchScript "
-                 "archives. Only for files you trust: both can run arbitrary code. --trust-pickle is the older name. "
-                 "Taken from the command line or --config FILE only, never from an implicit hesscli.toml.",
-                 rich_help_panel=INPUTS, show_default=False),
-]
-TrustPickleOpt = TrustCodeOpt  # the older name
-CurvatureOpt = Annotated[
-    Optional[str],
-    typer.Option("--curvature", help="hessian (default) | ggn (generalized Gauss-Newton).", metavar="hessian|ggn",
-                 rich_help_panel=CURVATURE, show_default=False),
-]
-ParamsOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--params", help="Only parameters whose names match this glob (e.g. 'fc*.weight'); repeatable. "
-                 "Default: all trainable.", metavar="GLOB", rich_help_panel=CURVATURE, show_default=False),
-]
-BackendOpt = Annotated[
-    Optional[str],
-    typer.Option("--backend", help="native (default) | pyhessian | eigenthings | backpack.", metavar="NAME",
-                 rich_help_panel=CURVATURE, show_default=False),
-]
-DeviceOpt = Annotated[
-    Optional[str],
-    typer.Option("--device", help="auto (CUDA when available, default) | cpu | cuda | cuda:N.", metavar="DEVICE",
-                 rich_help_panel=RUNTIME, show_default=False),
-]
-DtypeOpt = Annotated[
-    Optional[str],
-    typer.Option("--dtype", help="float32 (default) | float64.", metavar="float32|float64", rich_help_panel=RUNTIME,
-                 show_default=False),
-]
-SeedOpt = Annotated[
-    Optional[int],
-    typer.Option("--seed", help="Seed for the sample subset and the random probes. Default 0.", metavar="N",
-                 rich_help_panel=RUNTIME, show_default=False),
-]
-ThreadsOpt = Annotated[
-    Optional[int],
-    typer.Option("--threads", min=1, help="CPU threads for the products. Default: one per core; on a machine busy at "
-                 "start waiting threads sleep (OMP_WAIT_POLICY=PASSIVE unless set), so a run slows only to its fair share.",
-                 metavar="N", rich_help_panel=RUNTIME, show_default=False),
-]
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", help="Settings file (TOML). Default: ./hesscli.toml when present (which cannot switch on --trust-code).", metavar="FILE",
-                 rich_help_panel=RUNTIME, show_default=False),
+    typer.Option("--config", help="Settings file (TOML). Default: ./hesscli.toml when present (which cannot "
+                 "switch on --trust-code).", metavar="FILE", rich_help_panel=RUNTIME, show_default=False),
 ]
-DebugOpt = Annotated[
-    Optional[bool],
-    typer.Option("--debug", help="Show full tracebacks instead of one-line errors.", rich_help_panel=RUNTIME,
-                 show_default=False),
-]
-OutOpt = Annotated[
-    Optional[Path],
-    typer.Option("--out", help="Results folder (Parquet tables). Default ./hesscli-results.", metavar="DIR",
-                 rich_help_panel=OUTPUT, show_default=False),
-]
-JsonOpt = Annotated[
-    Optional[bool],
-    typer.Option("--json", help="Print machine-readable JSON on stdout (and nothing else).", rich_help_panel=OUTPUT,
-                 show_default=False),
-]
-QuietOpt = Annotated[
-    Optional[bool],
-    typer.Option("--quiet", "-q", help="No progress or notes on stderr.", rich_help_panel=OUTPUT, show_default=False),
-]
+
+_PY_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One command-line option: the parameter name the command receives, its key and its Typer annotation."""
+
+    param: str
+    key: str
+    annotation: Any
+
+
+def _typer_type(type_text: str) -> Any:
+    base = type_text.replace(" ", "").replace("|None", "").replace("Optional[", "").rstrip("]")
+    if base.startswith(("tuple", "dict", "list")):
+        return list[str]
+    return _PY_TYPES[base]
+
+
+def _spec(key: str, f: dataclasses.Field[Any], meta: OptionInfo, *, local: bool = True) -> Spec:
+    """``local``: offered under the field's own name too (``trace --tol`` as well as ``--trace-tol``)."""
+    names = [f.name, key] if local else [key]
+    flags = list(dict.fromkeys("--" + n.replace("_", "-") for n in names))
+    if str(f.type).startswith("dict"):  # repeatable KEY=VALUE, spelled in the singular
+        flags = [x for x in meta.flags if x.startswith("--")]
+    else:
+        flags += [x for x in meta.flags if x not in flags]
+    param = flags[0][2:].replace("-", "_") if str(f.type).startswith("dict") else key
+    if meta.negatable:
+        flags = [f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:]]
+    option = typer.Option(*flags, help=meta.help, metavar=meta.metavar, rich_help_panel=meta.panel,
+                          show_default=False)
+    return Spec(param, key, Annotated[Optional[_typer_type(str(f.type))], option])
+
+
+def _group(cls: type, keys: Iterable[str] | None = None, *, local: bool = True) -> list[Spec]:
+    wanted = set(keys) if keys is not None else None
+    return [_spec(key, f, meta, local=local) for key, f, meta in declared(cls)
+            if meta.cli and (wanted is None or key in wanted)]
+
+
+def problem_options() -> list[Spec]:
+    """Checkpoint, model, data, loss, parameters, device, dtype, seed, batch size."""
+    return _group(ProblemSpec)
+
+
+def engine_options(keys: Iterable[str] = ("backend", "curvature", "hvp")) -> list[Spec]:
+    return _group(EngineOptions, keys)
+
+
+def run_options(keys: Iterable[str] = ("out", "json", "quiet", "debug", "threads")) -> list[Spec]:
+    return _group(RunOptions, keys)
+
+
+def analysis_options(options_cls: type, *, local: bool = True) -> list[Spec]:
+    """An analysis's own options: ``--<name>`` and ``--<key>`` on its command, ``--<key>`` on scan."""
+    return _group(options_cls, local=local)
+
+
+def make_command(body: Callable[..., Any], specs: list[Spec], *, name: str, doc: str,
+                 arguments: list[inspect.Parameter]) -> Callable[..., Any]:
+    """A function Typer can register: ``arguments`` positional, then the options (``--config`` added).
+
+    ``body(*arguments, values)`` receives the option values keyed by option key (``None``: not
+    given) plus ``config``, ``model_arg`` and ``forward_arg`` as the flags spell them.
+    """
+    seen: dict[str, Spec] = {}
+    for s in specs:
+        seen.setdefault(s.param, s)
+    params = [inspect.Parameter(s.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=s.annotation)
+              for s in seen.values()]
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt))
+
+    @functools.wraps(body)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name, None) for name in [*seen, "config"]}
+        return body(*args, **kwargs, values=values)
+
+    command.__signature__ = inspect.Signature([*arguments, *params])  # type: ignore[attr-defined]
+    command.__annotations__ = {}
+    command.__name__ = command.__qualname__ = f"{name}_command"
+    command.__doc__ = doc
+    return command
+
+
+def checkpoint_argument() -> inspect.Parameter:
+    return inspect.Parameter("checkpoint", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=CheckpointArg)

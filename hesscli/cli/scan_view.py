@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import typer
 from rich.markup import escape
 
+from hesscli.cli import session
 from hesscli.cli.common import console, err_console
 from hesscli.config import Settings
 from hesscli.errors import HesscliError
@@ -16,18 +16,13 @@ from hesscli.results.fileops import path_text
 
 def run_scan_command(target: str, settings: Settings) -> int:
     """Run a scan, writing each checkpoint's rows as soon as it is done. Returns the exit code."""
-    from hesscli import distributed
-    from hesscli.cli.analyses import _sigterm_as_interrupt
-    from hesscli.results.parquet import prepare_out, read_table, write_outcomes
+    from hesscli.results.parquet import read_table, write_outcomes
+    from hesscli.results.tables import eigenvectors_to_save, save_eigenvectors
     from hesscli.results.render import outcome_to_json, render_scan_summary
     from hesscli.scan import run_scan
 
-    ctx = distributed.context(settings.device)
-    if ctx.active:
-        settings = replace(settings, device=distributed.device_for(ctx, settings.device))
-    show = ctx.is_main and not (settings.quiet or settings.json)
-    if ctx.is_main:  # a results folder that cannot take the tables is refused before any work
-        prepare_out(settings.out)
+    ctx, settings = session.start(settings)
+    show = ctx.is_main and session.shows(settings)
     unsaved: list = []
     failure: list[str] = []
 
@@ -38,6 +33,10 @@ def run_scan_command(target: str, settings: Settings) -> int:
         if ctx.is_main and outcomes:
             try:
                 write_outcomes(settings.out, outcomes)
+                if settings.save_vectors:
+                    for outcome in outcomes:
+                        if eigenvectors_to_save(outcome) is not None:
+                            save_eigenvectors(settings.out, outcome)
             except HesscliError as e:
                 unsaved.extend(outcomes)
                 failure.append(str(e))
@@ -47,7 +46,7 @@ def run_scan_command(target: str, settings: Settings) -> int:
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=err_console(), transient=True, disable=not show)
-    with _sigterm_as_interrupt(), progress:
+    with session.sigterm_as_interrupt(), progress:
         task = progress.add_task("scan", total=None)
 
         def on_checkpoint(i: int, n: int, entry) -> None:
@@ -61,9 +60,7 @@ def run_scan_command(target: str, settings: Settings) -> int:
                               world_size=ctx.world_size)
         except _Stop:
             progress.stop()
-            from hesscli.cli.analyses import keep_unsaved
-
-            keep_unsaved(unsaved, settings, failure[0] + "; the scan stopped")
+            session.keep_unsaved(unsaved, settings, failure[0] + "; the scan stopped")
         progress.update(task, completed=len(report.checkpoints))
     if not ctx.is_main:
         return 1 if report.failures else 0

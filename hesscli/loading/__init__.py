@@ -6,6 +6,7 @@ The rest of the engine calls exactly these functions.
 from __future__ import annotations
 
 from hesscli.loading.build import (
+    ProblemLoader,
     build_problem,
     load_problem,
     problem_from_python,
@@ -31,6 +32,7 @@ __all__ = [
     # pieces -> problem
     "build_problem",
     "load_problem",
+    "ProblemLoader",
     "problem_from_python",
     # summaries
     "evaluate",

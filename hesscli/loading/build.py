@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from hesscli import distributed
 from hesscli.config import Settings
+from hesscli.distributed import DistContext
 from hesscli.errors import InputError
 from hesscli.loading.batchnorm import batchnorm_layers, running_statistics_gap, use_batch_statistics
 from hesscli.loading.checkpoint import load_checkpoint
@@ -32,7 +34,7 @@ __all__ = [
     "load_problem",
     "problem_from_python",
     "model_name",
-    "distributed_context",
+    "ProblemLoader",
     "private_copy",
     "weigh_batches",
 ]
@@ -84,14 +86,6 @@ def resolve_dtype(spec: str) -> torch.dtype:
 def model_name(model: nn.Module) -> str:
     """The user's class name, also for TorchScript modules (their ``original_name``)."""
     return str(getattr(model, "original_name", None) or type(model).__name__)
-
-
-def distributed_context() -> tuple[int, int]:
-    """``(rank, world_size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _shape(t: Any) -> str:
@@ -280,29 +274,57 @@ def build_problem(
     return problem
 
 
-def load_problem(checkpoint: str | Path, settings: Settings) -> Problem:
-    """Load everything one analysis needs from the command-line settings.
+class ProblemLoader:
+    """The one path from specs to a :class:`Problem`: single commands, scan and the monitor use it.
 
-    Resolves device and dtype, then the loss, the data (sharded when ``torch.distributed``
-    is initialised), the checkpoint, and builds the validated problem.
+    What every checkpoint of a run shares -- device, dtype, loss and data (sharded over the
+    ranks of a torch.distributed job) -- is loaded once; :meth:`load` then builds each
+    checkpoint's validated problem.
 
     Args:
-        checkpoint: the checkpoint file.
-        settings: the resolved settings.
+        spec: the problem spec (a :class:`~hesscli.options.ProblemSpec` or settings holding its keys).
+        ctx: the distributed context (default: :func:`hesscli.distributed.current`).
 
-    Returns:
-        The validated problem.
+    Raises:
+        InputError: a bad device, dtype or loss (the data is read on first use, or by :meth:`prepare`).
+    """
+
+    def __init__(self, spec: Any, ctx: DistContext | None = None) -> None:
+        self.spec = spec
+        self.ctx = ctx or distributed.current()
+        self.device = resolve_device(spec.device)
+        self.dtype = resolve_dtype(spec.dtype)
+        self.loss = load_loss(spec.loss)
+        self._data: Dataset | None = None
+
+    @property
+    def data(self) -> Dataset:
+        """The dataset, read on first use."""
+        if self._data is None:
+            self._data = load_data(self.spec, device=self.device, dtype=self.dtype, rank=self.ctx.rank,
+                                   world_size=self.ctx.world_size)
+        return self._data
+
+    def prepare(self) -> ProblemLoader:
+        """Read the data now (a scan refuses bad data before any checkpoint)."""
+        _ = self.data
+        return self
+
+    def load(self, checkpoint: str | Path, *, step: int | None = None) -> Problem:
+        """The validated problem of one checkpoint (``step`` when the checkpoint does not say)."""
+        loaded = load_checkpoint(checkpoint, self.spec)
+        if loaded.step is None:
+            loaded.step = step
+        return build_problem(loaded, self.data, self.loss, self.spec, device=self.device, dtype=self.dtype)
+
+
+def load_problem(checkpoint: str | Path, spec: Any, ctx: DistContext | None = None) -> Problem:
+    """Load everything one analysis of one checkpoint needs (see :class:`ProblemLoader`).
 
     Raises:
         InputError: any bad input; the message names it and the fix.
     """
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype)
-    loss = load_loss(settings.loss)
-    rank, world_size = distributed_context()
-    data = load_data(settings, device=device, dtype=dtype, rank=rank, world_size=world_size)
-    loaded = load_checkpoint(checkpoint, settings)
-    return build_problem(loaded, data, loss, settings, device=device, dtype=dtype)
+    return ProblemLoader(spec, ctx).load(checkpoint)
 
 
 def _model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -439,10 +461,10 @@ def problem_from_python(
             target_shape=data.target_shape, target_dtype=data.target_dtype, input_keys=data.input_keys,
         )
     elif isinstance(data, (tuple, list, dict, TorchDataset, DataLoader)):
-        rank, world_size = distributed_context()
+        ctx = distributed.current()
         dataset = make_dataset(data, source="<python>", batch_size=settings.batch_size,
                                max_samples=settings.max_samples, seed=settings.seed, device=device, dtype=dtype,
-                               rank=rank, world_size=world_size, target_key=settings.target_key, loss=spec.name)
+                               rank=ctx.rank, world_size=ctx.world_size, target_key=settings.target_key, loss=spec.name)
     else:
         raise InputError(
             f"data is a {type(data).__name__}; pass (inputs, targets), a torch Dataset, a DataLoader or a "

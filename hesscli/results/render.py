@@ -21,14 +21,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from hesscli.results.records import (
-    DensityResult,
-    EigsResult,
-    ExtremesResult,
-    Outcome,
-    RunInfo,
-    TraceResult,
-)
+from hesscli.analyses import REGISTRY
+from hesscli.results.records import Outcome, RunInfo
 from hesscli.results.tables import TOTAL_GROUP, empty_frame, latest_ok_runs
 
 __all__ = [
@@ -126,127 +120,10 @@ def _kv(rows: Sequence[tuple[str, RenderableType | str]]) -> Table:
     return grid
 
 
-# ----------------------------------------------------------------------------- per analysis
-
-
-def _trace_body(r: TraceResult) -> RenderableType:
-    estimate = Text.assemble((_num(r.estimate), "bold cyan"))
-    if r.stderr:
-        estimate.append(f" ± {_num(r.stderr, '.2g')}")
-    rows: list[tuple[str, RenderableType | str]] = [
-        ("trace", estimate),
-        ("95% CI", f"[{_num(r.ci_low)}, {_num(r.ci_high)}]"),
-        ("method", f"{r.method} · {r.n_probes:,} probes · {r.n_hvp:,} HVPs"),
-        ("converged", _tick(r.converged)),
-    ]
-    parts: list[RenderableType] = [_kv(rows)]
-    if r.groups:
-        ranked = sorted(r.groups, key=lambda g: abs(g.estimate), reverse=True)
-        table = Table(box=None, header_style="bold")
-        table.add_column("parameter")
-        table.add_column("trace", justify="right")
-        table.add_column("± stderr", justify="right")
-        table.add_column("share", justify="right")
-        for g in ranked[:_TOP_GROUPS]:
-            share = f"{g.estimate / r.estimate:.1%}" if r.estimate else "–"
-            table.add_row(g.name, _num(g.estimate), _num(g.stderr, ".2g"), share)
-        parts.append(Text(""))
-        parts.append(Text("per-parameter trace, largest |trace| first", style="bold"))
-        parts.append(table)
-        if len(ranked) > _TOP_GROUPS:
-            parts.append(Text(f"… and {len(ranked) - _TOP_GROUPS} more parameter tensors", style="dim"))
-    return Group(*parts)
-
-
-def _eigs_body(r: EigsResult) -> RenderableType:
-    table = Table(box=None, header_style="bold")
-    table.add_column("rank", justify="right")
-    table.add_column("which")
-    table.add_column("eigenvalue", justify="right", style="cyan")
-    table.add_column("± bound", justify="right")
-    table.add_column("residual", justify="right")
-    table.add_column("converged", justify="center")
-    n = len(r.eigenvalues)
-    bounds = r.error_bounds if len(r.error_bounds) == n else (None,) * n
-    floors = r.at_floor if len(r.at_floor) == n else (False,) * n
-    for value, residual, conv, which, rank, bound, at_floor in zip(
-            r.eigenvalues, r.residuals, r.converged, r.which, r.rank, bounds, floors):
-        shown = Text(f"≈0 ({_num(value, '.2g')})", style="dim") if at_floor else _num(value, ".6g")
-        table.add_row(str(rank), which, shown, "—" if bound is None else _num(bound, ".1e"),
-                      _num(residual, ".2e"), _tick(bool(conv)))
-    n_conv = sum(bool(c) for c in r.converged)
-    note = Text(
-        f"{n_conv}/{len(r.converged)} converged · {r.n_iter} iterations · {r.n_hvp:,} HVPs",
-        style="dim" if n_conv == len(r.converged) else "yellow",
-    )
-    return Group(table, note)
-
-
-def _extremes_body(r: ExtremesResult) -> RenderableType:
-    rows: list[tuple[str, RenderableType | str]] = [
-        ("λ_max", Text.assemble((_num(r.lambda_max, ".6g"), "bold cyan"), f"  (residual {_num(r.residual_max, '.2e')})")),
-        ("λ_min", Text.assemble((_num(r.lambda_min, ".6g"), "bold cyan"), f"  (residual {_num(r.residual_min, '.2e')})")),
-        ("condition number", _num(r.condition_number)),
-        ("negative ratio", _num(r.negative_ratio, ".4g")),
-        ("converged", _tick(r.converged)),
-        ("HVPs", f"{r.n_hvp:,}"),
-    ]
-    return _kv(rows)
-
-
-def _pooled_max(values: list[float], width: int) -> list[float]:
-    """Downsample to ``width`` bins keeping each bin's maximum (isolated outliers stay visible)."""
-    n = len(values)
-    if n <= width:
-        return values
-    bins = []
-    for b in range(width):
-        lo, hi = b * n // width, (b + 1) * n // width
-        chunk = [v for v in values[lo:max(hi, lo + 1)] if math.isfinite(v)]
-        bins.append(max(chunk) if chunk else math.nan)
-    return bins
-
-
-def _axis(lo: float, hi: float, width: int) -> str:
-    """A label line under a sparkline: min at the left, 0 where it falls, max at the right."""
-    left, right = _num(lo, ".3g"), _num(hi, ".3g")
-    line = [" "] * width
-    line[: len(left)] = left
-    line[width - len(right) :] = right
-    if lo < 0 < hi and hi > lo:
-        pos = int((0 - lo) / (hi - lo) * (width - 1))
-        if len(left) + 1 < pos < width - len(right) - 1:
-            line[pos] = "0"
-    return "".join(line)
-
-
-def _density_body(r: DensityResult) -> RenderableType:
-    grid = r.grid.detach().to("cpu", torch.float64).reshape(-1).tolist()
-    dens = r.density.detach().to("cpu", torch.float64).reshape(-1).tolist()
-    nodes = r.nodes if r.nodes.ndim == 2 else r.nodes.reshape(1, -1)
-    n_runs, n_iters = int(nodes.shape[0]), int(nodes.shape[1])
-    lo, hi = (grid[0], grid[-1]) if grid else (math.nan, math.nan)
-    peak = max((v for v in dens if math.isfinite(v)), default=0.0)
-    # Below a millionth of the peak counts as empty (as on the plots' log axis).
-    pooled = [v if v >= peak * _DENSITY_FLOOR else math.nan for v in _pooled_max(dens, _DENSITY_WIDTH)]
-    width = len(pooled)
-    spark = Text(sparkline(pooled, log=True), style="cyan")
-    rows: list[tuple[str, RenderableType | str]] = [
-        ("log density", spark),  # blank where the density is below 1e-6 of its peak
-        ("λ", Text(_axis(lo, hi, width), style="dim")),
-        ("range", f"[{_num(lo)}, {_num(hi)}]"),
-        ("σ", _num(r.sigma, ".3g")),
-        ("SLQ", f"{n_runs} runs × {n_iters} iters · {r.n_hvp:,} HVPs"),
-    ]
-    return _kv(rows)
-
-
-_BODIES = {
-    TraceResult: _trace_body,
-    EigsResult: _eigs_body,
-    ExtremesResult: _extremes_body,
-    DensityResult: _density_body,
-}
+num = _num
+kv = _kv
+tick = _tick
+"""Formatting helpers of the analyses' console panels (see ``Analysis.render``)."""
 
 
 def render_outcome(outcome: Outcome, console: Console) -> None:
@@ -267,7 +144,7 @@ def render_outcome(outcome: Outcome, console: Console) -> None:
         )
         console.print(line)
         return
-    body = _BODIES[type(outcome.result)](outcome.result)  # type: ignore[operator]
+    body = REGISTRY[run.analysis].render(outcome.result)
     title = Text.assemble((run.analysis, "bold"), f" · {name} · step {_step(run.step)}")
     console.print(Panel(Group(body, Text(""), _footer(run)), title=title, title_align="left", expand=False))
 

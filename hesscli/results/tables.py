@@ -27,14 +27,8 @@ import pyarrow as pa
 import torch
 
 from hesscli.errors import InputError
-from hesscli.results.records import (
-    DensityResult,
-    EigsResult,
-    ExtremesResult,
-    Outcome,
-    RunInfo,
-    TraceResult,
-)
+from hesscli.analyses import REGISTRY
+from hesscli.results.records import Outcome, RunInfo
 
 __all__ = [
     "TABLES",
@@ -94,164 +88,23 @@ TABLES: dict[str, pa.Schema] = {
             pa.field("options", pa.string()),
         ]
     ),
-    "trace": _schema(
-        pa.field("param_group", pa.string()),
-        pa.field("estimate", pa.float64()),
-        pa.field("stderr", pa.float64()),
-        pa.field("ci_low", pa.float64()),
-        pa.field("ci_high", pa.float64()),
-        pa.field("n_probes", pa.int64()),
-        pa.field("method", pa.string()),
-        pa.field("converged", pa.bool_()),
-    ),
-    "eigs": _schema(
-        pa.field("rank", pa.int64()),
-        pa.field("which", pa.string()),
-        pa.field("eigenvalue", pa.float64()),
-        pa.field("residual", pa.float64()),
-        pa.field("converged", pa.bool_()),
-        pa.field("error_bound", pa.float64()),
-        pa.field("at_floor", pa.bool_()),
-    ),
-    "extremes": _schema(
-        pa.field("lambda_max", pa.float64()),
-        pa.field("lambda_min", pa.float64()),
-        pa.field("condition_number", pa.float64()),
-        pa.field("negative_ratio", pa.float64()),
-        pa.field("residual_max", pa.float64()),
-        pa.field("residual_min", pa.float64()),
-        pa.field("converged", pa.bool_()),
-    ),
-    "density": _schema(
-        pa.field("grid", pa.float64()),
-        pa.field("density", pa.float64()),
-        pa.field("sigma", pa.float64()),
-    ),
-    "ritz": _schema(
-        pa.field("run", pa.int64()),
-        pa.field("index", pa.int64()),
-        pa.field("node", pa.float64()),
-        pa.field("weight", pa.float64()),
-        pa.field("alpha", pa.float64()),
-        pa.field("beta", pa.float64()),
-    ),
+    **{name: _schema(*schema) for a in REGISTRY.values() for name, schema in a.schemas().items()},
 }
 
 #: Tables holding analysis numbers, in the order they are written (``runs`` comes last).
-ANALYSIS_TABLES: tuple[str, ...] = ("trace", "eigs", "extremes", "density", "ritz")
+ANALYSIS_TABLES: tuple[str, ...] = tuple(name for a in REGISTRY.values() for name in a.tables)
 
 
-def _key(run: RunInfo) -> dict[str, Any]:
+def key_columns(run: RunInfo) -> dict[str, Any]:
+    """The columns every analysis table starts with: ``run_id, checkpoint, step``."""
     return {"run_id": run.run_id, "checkpoint": run.checkpoint, "step": run.step}
 
 
-def _floats(x: torch.Tensor | Sequence[float]) -> list[float]:
+def floats(x: torch.Tensor | Sequence[float]) -> list[float]:
+    """A tensor or sequence as a flat list of Python floats."""
     if isinstance(x, torch.Tensor):
         return [float(v) for v in x.detach().to("cpu", torch.float64).reshape(-1).tolist()]
     return [float(v) for v in x]
-
-
-def _matrix(x: torch.Tensor) -> list[list[float]]:
-    """``[runs, n]`` (or ``[n]`` for a single run) tensor -> nested float lists."""
-    t = x.detach().to("cpu", torch.float64)
-    if t.ndim == 1:
-        t = t.unsqueeze(0)
-    return [[float(v) for v in row] for row in t.tolist()]
-
-
-def _trace_rows(run: RunInfo, r: TraceResult) -> list[dict[str, Any]]:
-    common = {"n_probes": int(r.n_probes), "method": r.method, "converged": bool(r.converged)}
-    rows = [
-        {
-            **_key(run),
-            "param_group": TOTAL_GROUP,
-            "estimate": float(r.estimate),
-            "stderr": float(r.stderr),
-            "ci_low": float(r.ci_low),
-            "ci_high": float(r.ci_high),
-            **common,
-        }
-    ]
-    for g in r.groups:
-        rows.append(
-            {
-                **_key(run),
-                "param_group": g.name,
-                "estimate": float(g.estimate),
-                "stderr": float(g.stderr),
-                "ci_low": float(g.ci_low),
-                "ci_high": float(g.ci_high),
-                **common,
-            }
-        )
-    return rows
-
-
-def _eigs_rows(run: RunInfo, r: EigsResult) -> list[dict[str, Any]]:
-    n = len(r.eigenvalues)
-    bounds = r.error_bounds if len(r.error_bounds) == n else (None,) * n
-    floors = r.at_floor if len(r.at_floor) == n else (None,) * n
-    return [
-        {
-            **_key(run),
-            "rank": int(rank),
-            "which": which,
-            "eigenvalue": float(value),
-            "residual": float(residual),
-            "converged": bool(conv),
-            "error_bound": None if bound is None else float(bound),
-            "at_floor": None if at_floor is None else bool(at_floor),
-        }
-        for value, residual, conv, which, rank, bound, at_floor in zip(
-            r.eigenvalues, r.residuals, r.converged, r.which, r.rank, bounds, floors, strict=True
-        )
-    ]
-
-
-def _extremes_rows(run: RunInfo, r: ExtremesResult) -> list[dict[str, Any]]:
-    return [
-        {
-            **_key(run),
-            "lambda_max": float(r.lambda_max),
-            "lambda_min": float(r.lambda_min),
-            "condition_number": float(r.condition_number),
-            "negative_ratio": float(r.negative_ratio),
-            "residual_max": float(r.residual_max),
-            "residual_min": float(r.residual_min),
-            "converged": bool(r.converged),
-        }
-    ]
-
-
-def _density_rows(run: RunInfo, r: DensityResult) -> list[dict[str, Any]]:
-    grid, density = _floats(r.grid), _floats(r.density)
-    if len(grid) != len(density):
-        raise ValueError(f"density of run {run.run_id}: grid has {len(grid)} points, density {len(density)}")
-    return [
-        {**_key(run), "grid": x, "density": y, "sigma": float(r.sigma)} for x, y in zip(grid, density)
-    ]
-
-
-def _ritz_rows(run: RunInfo, r: DensityResult) -> list[dict[str, Any]]:
-    nodes, weights = _matrix(r.nodes), _matrix(r.weights)
-    alphas, betas = _matrix(r.alphas), _matrix(r.betas)
-    rows: list[dict[str, Any]] = []
-    for i_run, (run_nodes, run_weights) in enumerate(zip(nodes, weights, strict=True)):
-        run_alphas = alphas[i_run] if i_run < len(alphas) else []
-        run_betas = betas[i_run] if i_run < len(betas) else []
-        for index, (node, weight) in enumerate(zip(run_nodes, run_weights, strict=True)):
-            rows.append(
-                {
-                    **_key(run),
-                    "run": i_run,
-                    "index": index,
-                    "node": node,
-                    "weight": weight,
-                    "alpha": run_alphas[index] if index < len(run_alphas) else None,
-                    "beta": run_betas[index] if index < len(run_betas) else None,
-                }
-            )
-    return rows
 
 
 def outcome_rows(outcome: Outcome) -> dict[str, list[dict[str, Any]]]:
@@ -278,18 +131,11 @@ def outcome_rows(outcome: Outcome) -> dict[str, list[dict[str, Any]]]:
     run = outcome.run
     run_row = dataclasses.asdict(run)
     rows: dict[str, list[dict[str, Any]]] = {}
-    result = outcome.result
-    if isinstance(result, TraceResult):
-        rows["trace"] = _trace_rows(run, result)
-    elif isinstance(result, EigsResult):
-        rows["eigs"] = _eigs_rows(run, result)
-    elif isinstance(result, ExtremesResult):
-        rows["extremes"] = _extremes_rows(run, result)
-    elif isinstance(result, DensityResult):
-        rows["density"] = _density_rows(run, result)
-        rows["ritz"] = _ritz_rows(run, result)
-    elif result is not None:
-        raise TypeError(f"outcome of run {run.run_id}: unknown result type {type(result).__name__}")
+    if outcome.result is not None:
+        analysis = REGISTRY.get(run.analysis)
+        if analysis is None:
+            raise TypeError(f"outcome of run {run.run_id}: unknown analysis {run.analysis!r}")
+        rows.update(analysis.rows(run, outcome.result))
     rows["runs"] = [run_row]
     return rows
 

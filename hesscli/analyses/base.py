@@ -1,0 +1,130 @@
+"""What an analysis declares: its options, result, tables, console view, cost and backend needs.
+
+Everything else -- the CLI command and its options, the ``hesscli.toml`` section, scan's
+``--analyses`` choice and resume key, the Python function ``hesscli.<name>`` -- is generated
+from these declarations (see ``docs/architecture.md``). Importing an analysis module must not
+import torch: heavy imports go inside the methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from hesscli.errors import UnsupportedAnalysis
+from hesscli.options import EngineOptions, ProblemSpec, declared, project
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+    import torch
+    from rich.console import RenderableType
+
+    from hesscli.backends.base import Backend
+    from hesscli.loading.problem import Problem
+    from hesscli.results.records import RunInfo
+    from hesscli.runner import SharedRuns
+
+__all__ = ["Analysis", "RESUME_PROBLEM_KEYS"]
+
+RESUME_PROBLEM_KEYS: tuple[str, ...] = ("backend", "curvature", "params", "loss", "data", "max_samples", "dtype",
+                                        "seed")
+"""Problem and engine options that change every analysis's numbers (part of every resume key)."""
+
+
+class Analysis:
+    """Base class of an analysis plug-in; one instance per analysis in :data:`hesscli.analyses.REGISTRY`.
+
+    Class attributes:
+        name: the command name and the ``runs.analysis`` value.
+        Options: a frozen dataclass of :func:`hesscli.options.option` fields.
+        summary: one line for ``hesscli --help`` and the command's help.
+        example: a command line shown under the command's help.
+        tables: the tables its results fill, in write order.
+        result_type: ``module:Class`` of its result dataclass.
+        engine_options: the engine options its command offers besides ``--backend``/``--curvature``.
+        in_scan: offered by ``hesscli scan --analyses``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+    summary: ClassVar[str]
+    description: ClassVar[str] = ""
+    example: ClassVar[str]
+    python_example: ClassVar[str] = ""
+    tables: ClassVar[tuple[str, ...]]
+    result_type: ClassVar[str]
+    engine_options: ClassVar[tuple[str, ...]] = ("hvp",)
+    in_scan: ClassVar[bool] = True
+
+    # ------------------------------------------------------------------ options
+    def options(self, settings: Any) -> Any:
+        """This analysis's options, taken from resolved settings (or any object holding their keys)."""
+        return project(self.Options, settings)
+
+    def defaults_for(self, backend: Backend, options: Any) -> Any:
+        """Options with the backend's own defaults filled in (e.g. the trace method)."""
+        return options
+
+    def resume_key(self, spec: ProblemSpec, engine: EngineOptions, options: Any) -> str:
+        """Canonical JSON of everything that changes this analysis's numbers (scan ``--resume`` key)."""
+        values: dict[str, Any] = {k: getattr(spec, k) for k in RESUME_PROBLEM_KEYS if hasattr(spec, k)}
+        values.update({k: getattr(engine, k) for k in RESUME_PROBLEM_KEYS if hasattr(engine, k)})
+        for key, f, meta in declared(self.Options):
+            if meta.resume:
+                values[key] = getattr(options, f.name)
+        values["params"] = list(values["params"])
+        values["analysis"] = self.name
+        return json.dumps(values, sort_keys=True, default=str)
+
+    # ------------------------------------------------------------------ backend
+    def check(self, backend: Backend, options: Any, curvature: str) -> None:
+        """Refuse, before any work, what ``backend`` cannot do for these options (exit 2 with what it can)."""
+        caps = backend.capabilities
+        if self.name not in caps.analyses:
+            raise UnsupportedAnalysis(
+                f"--backend {backend.name} cannot run '{self.name}'; it supports: {', '.join(caps.analyses)}")
+        if curvature not in caps.curvatures:
+            raise UnsupportedAnalysis(
+                f"--backend {backend.name} cannot use --curvature {curvature}; it supports: {', '.join(caps.curvatures)}")
+
+    def method(self, backend: Backend | None, options: Any) -> str:
+        """The method this run really uses (``runs.method``): the backend's own algorithm."""
+        if backend is not None and self.name in backend.capabilities.analyses:
+            return backend.capabilities.analyses[self.name][0]
+        return self.default_method
+
+    default_method: ClassVar[str] = ""
+
+    def run(self, backend: Backend, problem: Problem, options: Any, generator: torch.Generator,
+            shared: SharedRuns | None = None) -> Any:
+        """Compute the result: by default the backend's method of the same name (given the
+        checkpoint's shared runs when the backend can use them)."""
+        method = getattr(backend, self.name)
+        if shared is not None and getattr(backend, "shares_runs", False):
+            return method(problem, options, generator, shared=shared)
+        return method(problem, options, generator)
+
+    def expected_products(self, options: Any, n_params: int) -> int:
+        """A budget for progress bars (iterative methods may stop earlier)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ results
+    def schemas(self) -> dict[str, pa.Schema]:
+        """Arrow schema of each table in :attr:`tables` (without the ``run_id, checkpoint, step`` key)."""
+        raise NotImplementedError
+
+    def rows(self, run: RunInfo, result: Any) -> dict[str, list[dict[str, Any]]]:
+        """Table rows of one result."""
+        raise NotImplementedError
+
+    def render(self, result: Any) -> RenderableType:
+        """The body of the console panel of one result."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<analysis {self.name}>"
+
+
+def field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))

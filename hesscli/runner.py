@@ -1,0 +1,126 @@
+"""One checkpoint's analyses, one after another: the step ``hesscli scan`` and the monitor share.
+
+A :class:`CheckpointRunner` builds the backend and checks what it can do once, before any
+checkpoint; :meth:`CheckpointRunner.run` then analyses one loaded problem, letting one Lanczos
+run serve several analyses (:class:`SharedRuns`) and turning any analysis's failure into a
+``failed`` runs row so the others still run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hesscli.analyses import get
+from hesscli.backends import get_backend
+from hesscli.backends.base import Backend, Reduce
+from hesscli.errors import HesscliError
+from hesscli.loading.problem import Problem
+from hesscli.results.records import Outcome
+
+__all__ = ["SharedRuns", "CheckpointRunner", "error_text"]
+
+logger = logging.getLogger(__name__)
+
+
+class SharedRuns:
+    """Work one analysis of a problem leaves for another analysis of the same problem.
+
+    Made for one problem (one checkpoint) and the analyses about to run on it, with their
+    options; a backend that can share (the native one) reads what is planned and puts and
+    takes results under a key that must match (e.g. the same ``tol``), so nothing is served
+    to another problem or to different options.
+    """
+
+    def __init__(self, problem: Problem, planned: dict[str, Any]) -> None:
+        self.problem = problem
+        self._planned = dict(planned)
+        self._items: dict[str, tuple[object, object]] = {}
+
+    def planned(self, analysis: str, problem: Problem) -> Any:
+        """The options of ``analysis`` when it is about to run on ``problem``, else ``None``."""
+        return self._planned.get(analysis) if problem is self.problem else None
+
+    def put(self, analysis: str, problem: Problem, key: object, value: object) -> None:
+        """Leave ``value`` for ``analysis`` (only when it is planned on this problem)."""
+        if self.planned(analysis, problem) is not None:
+            self._items[analysis] = (key, value)
+
+    def take(self, analysis: str, problem: Problem, key: object) -> Any:
+        """What was left for ``analysis`` under ``key`` (once), else ``None``."""
+        item = self._items.get(analysis)
+        if problem is not self.problem or item is None or item[0] != key:
+            return None
+        del self._items[analysis]
+        return item[1]
+
+
+def error_text(error: BaseException) -> str:
+    """The one line a failed run records: hesscli's own message, else the exception type and text."""
+    return str(error) if isinstance(error, HesscliError) else f"{type(error).__name__}: {error}"
+
+
+class CheckpointRunner:
+    """Runs the selected analyses on one checkpoint after another with one backend.
+
+    Args:
+        settings: resolved settings (each analysis reads its own options).
+        analyses: names of registered analyses, in the order they run.
+        reduce: all-reduce for products under torch.distributed.
+        on_matvecs: product-count callback.
+
+    Raises:
+        InputError: an unknown analysis or something the backend cannot do (before any work).
+        BackendUnavailable: the backend's library is missing.
+    """
+
+    def __init__(self, settings: Any, analyses: Sequence[str], *, reduce: Reduce | None = None,
+                 on_matvecs: Callable[[int], None] | None = None) -> None:
+        self.settings = settings
+        self.analyses = [get(a) for a in analyses]
+        self.reduce = reduce
+        self.backend: Backend = get_backend(settings.engine, reduce=reduce, on_matvecs=on_matvecs)
+        self.options = {a.name: a.defaults_for(self.backend, a.options(settings)) for a in self.analyses}
+        for a in self.analyses:  # refuse what the backend cannot do before touching any checkpoint
+            a.check(self.backend, self.options[a.name], settings.curvature)
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.analyses]
+
+    def resume_keys(self, sha256: str) -> dict[str, tuple[str, str, str]]:
+        """``(checkpoint content, analysis, options)`` of each analysis: what ``--resume`` matches."""
+        spec, engine = self.settings.problem, self.settings.engine
+        return {a.name: (sha256, a.name, a.resume_key(spec, engine, self.options[a.name])) for a in self.analyses}
+
+    def failed(self, checkpoint: str, analyses: Sequence[str], error: BaseException | str, *, sha256: str = "",
+               step: int | None = None, problem: Problem | None = None) -> list[Outcome]:
+        """``failed`` runs rows for ``analyses`` of a checkpoint that could not be analysed."""
+        from hesscli.api import failed_outcome
+
+        text = error if isinstance(error, str) else error_text(error)
+        return [failed_outcome(checkpoint, a, self.settings, text, sha256=sha256, step=step, problem=problem,
+                               backend=self.backend) for a in analyses]
+
+    def run(self, problem: Problem, analyses: Sequence[str] | None = None) -> list[Outcome]:
+        """Analyse one loaded checkpoint; an analysis that fails becomes a ``failed`` row.
+
+        Args:
+            problem: the checkpoint, loaded.
+            analyses: a subset of the runner's analyses (default: all of them), in its order.
+        """
+        from hesscli.api import analyse
+
+        todo = [a for a in self.names if analyses is None or a in analyses]
+        shared = SharedRuns(problem, {a: self.options[a] for a in todo})
+        outcomes: list[Outcome] = []
+        ck = problem.checkpoint
+        for name in todo:
+            try:
+                outcomes.append(analyse(problem, name, self.settings, reduce=self.reduce, backend=self.backend,
+                                        shared=shared))
+            except Exception as e:  # noqa: BLE001 - one analysis never stops the others
+                logger.debug("%s on %s failed", name, ck.source, exc_info=True)
+                outcomes += self.failed(ck.source, [name], e, sha256=ck.sha256, step=ck.step, problem=problem)
+        return outcomes

@@ -21,6 +21,8 @@ from hesscli.errors import (  # noqa: E402
     UnsupportedAnalysis,
 )
 
+import hesscli.analyses  # noqa: E402,F401  (registers the analyses; imports no torch)
+
 if TYPE_CHECKING:  # pragma: no cover
     from hesscli.api import density, eigs, extremes, trace
     from hesscli.monitor import CurvatureMonitor
@@ -35,10 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
 
 _LAZY = {
-    "trace": "hesscli.api",
-    "eigs": "hesscli.api",
-    "extremes": "hesscli.api",
-    "density": "hesscli.api",
+    **{name: "hesscli.api" for name in hesscli.analyses.NAMES},  # hesscli.trace(...), hesscli.eigs(...), ...
     "CurvatureMonitor": "hesscli.monitor",
     **{name: "hesscli.results.records" for name in ("TraceResult", "GroupTrace", "EigsResult", "ExtremesResult",
                                                     "DensityResult", "RunInfo", "Outcome")},

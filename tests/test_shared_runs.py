@@ -10,9 +10,14 @@ import torch
 from hesscli.api import analyse
 from hesscli.backends.native import NativeBackend
 from hesscli.config import Settings
+from hesscli.runner import SharedRuns
 
 from tests.cases import cnn_bn_ce, mlp_ce
 from tests.reference import exact_hessian
+
+
+def _plan(problem, analyses, settings) -> SharedRuns:
+    return SharedRuns(problem, {a: settings.options(a) for a in analyses})
 
 
 def _settings(**kw) -> Settings:
@@ -32,10 +37,10 @@ def test_eigs_extremes_density_share_one_run(case, which, k):
     scale = float(true.abs().max())
     settings = _settings(which=which, top_k=k)
     backend = NativeBackend()
-    backend.plan(problem, ["eigs", "extremes", "density"], settings)
-    eigs = analyse(problem, "eigs", settings, backend=backend).result
-    ext = analyse(problem, "extremes", settings, backend=backend).result
-    dens = analyse(problem, "density", settings, backend=backend).result
+    shared = _plan(problem, ["eigs", "extremes", "density"], settings)
+    eigs = analyse(problem, "eigs", settings, backend=backend, shared=shared).result
+    ext = analyse(problem, "extremes", settings, backend=backend, shared=shared).result
+    dens = analyse(problem, "density", settings, backend=backend, shared=shared).result
 
     wanted = true.flip(0)[:k] if which == "largest" else true[:k]
     assert eigs.which == (which,) * k and all(eigs.converged)
@@ -70,14 +75,15 @@ def test_no_plan_no_sharing_and_other_problems_are_not_served():
     problem, other = mlp_ce(), mlp_ce()
     settings = _settings()
     backend = NativeBackend()
-    backend.plan(problem, ["eigs", "extremes"], settings)
-    analyse(problem, "eigs", settings, backend=backend)
-    ext = analyse(other, "extremes", settings, backend=backend).result  # another checkpoint: its own run
+    shared = _plan(problem, ["eigs", "extremes"], settings)
+    analyse(problem, "eigs", settings, backend=backend, shared=shared)
+    ext = analyse(other, "extremes", settings, backend=backend, shared=shared).result  # another checkpoint: its own run
     assert ext.n_hvp > 0
     # a different tolerance is not served from the shared run either
-    backend.plan(problem, ["eigs", "extremes"], settings)
-    analyse(problem, "eigs", settings, backend=backend)
-    assert analyse(problem, "extremes", dataclasses.replace(settings, tol=1e-4), backend=backend).result.n_hvp > 0
+    shared = _plan(problem, ["eigs", "extremes"], settings)
+    analyse(problem, "eigs", settings, backend=backend, shared=shared)
+    assert analyse(problem, "extremes", dataclasses.replace(settings, tol=1e-4), backend=backend,
+                   shared=shared).result.n_hvp > 0
 
 
 def test_analyses_of_one_problem_share_the_operator():

@@ -13,6 +13,7 @@ from hesscli.analyses.eigs import Eigs
 from hesscli.analyses.extremes import Extremes
 from hesscli.analyses.trace import Trace
 from hesscli.errors import InputError
+from hesscli.results.plugins import register
 
 __all__ = ["Analysis", "REGISTRY", "NAMES", "get"]
 
@@ -20,6 +21,9 @@ REGISTRY: dict[str, Analysis] = {a.name: a for a in (Trace(), Eigs(), Extremes()
 """Analysis name -> its plug-in, in the order commands and tables are listed."""
 
 NAMES: tuple[str, ...] = tuple(REGISTRY)
+
+for _analysis in REGISTRY.values():  # the results layer learns the tables and views of each
+    register(_analysis)
 
 
 def get(name: str) -> Analysis:

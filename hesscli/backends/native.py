@@ -93,7 +93,8 @@ class NativeBackend:
             shared.put("density", problem, density_steps, (run.alphas, run.betas))
         return run.result
 
-    def trace(self, problem: Problem, options: TraceOptions, generator: torch.Generator) -> TraceResult:
+    def trace(self, problem: Problem, options: TraceOptions, generator: torch.Generator, *,
+              shared: SharedRuns | None = None) -> TraceResult:
         op = self.operator(problem)
         if options.method == "exact":
             if op.size > EXACT_TRACE_MAX_PARAMS:

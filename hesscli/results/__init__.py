@@ -1,8 +1,8 @@
 """Results: dataclasses -> tidy tables -> Parquet datasets, Rich/JSON rendering, plots.
 
-This package imports nothing from the rest of the engine. The result dataclasses are
-imported eagerly; everything else loads on first use, so importing a result class does
-not pull in pandas, pyarrow, Rich or matplotlib.
+This package imports nothing from the rest of the engine: the analyses register their tables,
+rows and console views here (:mod:`hesscli.results.plugins`). Everything loads on first use,
+so importing a result class does not pull in pandas, pyarrow, Rich or matplotlib.
 """
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from hesscli.results.records import (
-    DensityResult,
-    EigsResult,
-    ExtremesResult,
-    GroupTrace,
-    Outcome,
-    RunInfo,
-    TraceResult,
-)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from hesscli.results.records import (
+        DensityResult,
+        EigsResult,
+        ExtremesResult,
+        GroupTrace,
+        Outcome,
+        RunInfo,
+        TraceResult,
+    )
     from hesscli.results.parquet import read_table, write_outcomes
     from hesscli.results.plots import make_plots
     from hesscli.results.render import outcome_to_json, render_json, render_outcome, render_scan_summary
@@ -33,6 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
     )
 
 _LAZY = {
+    # records
+    **{name: "records" for name in ("RunInfo", "GroupTrace", "TraceResult", "EigsResult", "ExtremesResult",
+                                    "DensityResult", "Outcome")},
     # tables
     "TABLES": "tables",
     "outcome_rows": "tables",

@@ -21,7 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from hesscli.analyses import REGISTRY
+from hesscli.results.plugins import plugin
 from hesscli.results.records import Outcome, RunInfo
 from hesscli.results.tables import TOTAL_GROUP, empty_frame, latest_ok_runs
 
@@ -144,7 +144,7 @@ def render_outcome(outcome: Outcome, console: Console) -> None:
         )
         console.print(line)
         return
-    body = REGISTRY[run.analysis].render(outcome.result)
+    body = plugin(run.analysis).render(outcome.result)
     title = Text.assemble((run.analysis, "bold"), f" · {name} · step {_step(run.step)}")
     console.print(Panel(Group(body, Text(""), _footer(run)), title=title, title_align="left", expand=False))
 

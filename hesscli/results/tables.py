@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from hesscli.errors import InputError
-from hesscli.analyses import REGISTRY
+from hesscli.results.plugins import PLUGINS
 from hesscli.results.records import Outcome, RunInfo
 
 __all__ = [
@@ -88,11 +88,11 @@ TABLES: dict[str, pa.Schema] = {
             pa.field("options", pa.string()),
         ]
     ),
-    **{name: _schema(*schema) for a in REGISTRY.values() for name, schema in a.schemas().items()},
+    **{name: _schema(*schema) for a in PLUGINS.values() for name, schema in a.schemas().items()},
 }
 
 #: Tables holding analysis numbers, in the order they are written (``runs`` comes last).
-ANALYSIS_TABLES: tuple[str, ...] = tuple(name for a in REGISTRY.values() for name in a.tables)
+ANALYSIS_TABLES: tuple[str, ...] = tuple(name for a in PLUGINS.values() for name in a.tables)
 
 
 def key_columns(run: RunInfo) -> dict[str, Any]:
@@ -132,7 +132,7 @@ def outcome_rows(outcome: Outcome) -> dict[str, list[dict[str, Any]]]:
     run_row = dataclasses.asdict(run)
     rows: dict[str, list[dict[str, Any]]] = {}
     if outcome.result is not None:
-        analysis = REGISTRY.get(run.analysis)
+        analysis = PLUGINS.get(run.analysis)
         if analysis is None:
             raise TypeError(f"outcome of run {run.run_id}: unknown analysis {run.analysis!r}")
         rows.update(analysis.rows(run, outcome.result))
@@ -252,10 +252,8 @@ def eigenvectors_to_save(outcome: Outcome) -> torch.Tensor | None:
     Returns:
         ``[n_params, k]`` tensor for an eigs result computed with eigenvectors, else ``None``.
     """
-    result = outcome.result
-    if isinstance(result, EigsResult) and result.eigenvectors is not None:
-        return result.eigenvectors
-    return None
+    vectors = getattr(outcome.result, "eigenvectors", None)
+    return vectors if isinstance(vectors, torch.Tensor) else None
 
 
 def save_eigenvectors(out_dir: Path, outcome: Outcome) -> Path:
@@ -282,8 +280,7 @@ def save_eigenvectors(out_dir: Path, outcome: Outcome) -> Path:
             f"run {run.run_id} ({run.analysis} of {run.checkpoint}): no eigenvectors to save; "
             "compute them with `hesscli eigs --save-vectors`"
         )
-    result = outcome.result
-    assert isinstance(result, EigsResult)
+    result: Any = outcome.result
     payload = {
         "eigenvectors": vectors.detach().to("cpu").contiguous(),
         "eigenvalues": torch.tensor(result.eigenvalues, dtype=torch.float64),

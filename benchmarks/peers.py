@@ -125,20 +125,20 @@ def native(problem: Problem, analysis: str, context: Context = contextlib.nullco
 def native_scan(problem: Problem, analyses: tuple[str, ...], context: Context = contextlib.nullcontext, *,
                 shared: bool = True, **options: Any) -> Call:
     """Several analyses of one checkpoint as ``hesscli scan --analyses ...`` runs them: with
-    ``shared`` the backend is told the plan (one Lanczos run serves eigs, extremes and one SLQ run);
+    ``shared`` the analyses get the checkpoint's shared runs (one Lanczos run serves eigs, extremes and one SLQ run);
     without, each analysis runs on its own. Returns the top-10 and λ_min for scoring."""
     from hesscli.api import analyse
     from hesscli.backends.native import NativeBackend
     from hesscli.config import Settings
+    from hesscli.runner import SharedRuns
 
     def call(seed: int) -> dict[str, Any]:
         settings = Settings(seed=seed, **options)
         backend = NativeBackend()
         with context(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if shared:
-                backend.plan(problem, analyses, settings)
-            results = {a: analyse(problem, a, settings, backend=backend).result for a in analyses}
+            plan = SharedRuns(problem, {a: settings.options(a) for a in analyses}) if shared else None
+            results = {a: analyse(problem, a, settings, backend=backend, shared=plan).result for a in analyses}
         out = native_result(results["eigs"])
         if "extremes" in results:
             out["small"] = [results["extremes"].lambda_min]

@@ -30,8 +30,8 @@ builtins.__import__ = spy
 import hesscli.threads
 hesscli.threads.others_runnable = lambda: 99  # a busy machine, whatever the load of the test machine
 from hesscli.cli import main
+import torch  # the CLI loads torch lazily: the spy stays until torch is loaded
 builtins.__import__ = _import
-import torch
 seen["default"] = torch.get_num_threads()
 base = [sys.argv[1], "trace", sys.argv[2], "--model", sys.argv[3], "--data", sys.argv[4], "--probes", "3", "--json"]
 for label, extra in (("flag", ["--threads", "1"]), ("config", ["--config", sys.argv[5]]),

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # CPU wheel; CUDA users install their own torch first (see README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-all bench clean samples
+.PHONY: install demo test test-all lint bench clean samples
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
+lint: $(STAMP)
+	$(PY) -m ruff check hesscli && $(PY) -m mypy hesscli
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
@@ -39,4 +42,4 @@ samples: $(STAMP)
 	$(PY) sample_checkpoints/make_samples.py
 
 clean:
-	rm -rf $(VENV) hesscli-results .pytest_cache
+	rm -rf $(VENV) hesscli-results .pytest_cache .mypy_cache .ruff_cache

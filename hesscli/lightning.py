@@ -7,8 +7,9 @@ with the trainer's ``global_step``, so a log written during training and a scan 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hesscli.errors import InputError
 from hesscli.monitor import CurvatureMonitor

@@ -144,12 +144,14 @@ def hutchinson(
             n_probes=n_probes, n_hvp=A.n_matvecs - before, converged=converged,
         )
 
+    assert tol is not None  # a pilot is only drawn for a tolerance
     drawn = sample(pilot)[-1]
     m0, s0 = _mean_std(drawn)  # one sync per pilot block: the plan needs it
     while s0 > PILOT_REL_STDERR * abs(m0) * math.sqrt(pilot) and pilot + PILOT_PROBES <= n_probes // 2:
         drawn = torch.cat([drawn, sample(PILOT_PROBES)[-1]])
         pilot += PILOT_PROBES
         m0, s0 = _mean_std(drawn)
+    planned: float  # probes; infinite when the mean is zero
     if s0 == 0:
         planned = MIN_FRESH_PROBES
     elif m0 == 0:

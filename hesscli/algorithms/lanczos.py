@@ -380,18 +380,18 @@ class _BlockLanczos:
         return self.V[: self.m].T @ coeffs.to(device=self.V.device, dtype=self.V.dtype)
 
     def restart(self, keep: list[int], theta: Tensor, S: Tensor) -> None:
-        """Thick restart: rotate the kept Ritz vectors into ``V[:l]`` in place, then continue."""
-        m, l = self.m, len(keep)
+        """Thick restart: rotate the kept Ritz vectors into ``V[:n_keep]`` in place, then continue."""
+        m, n_keep = self.m, len(keep)
         C = S[:, keep].to(device=self.V.device, dtype=self.V.dtype)
         chunk = max(1, _RESTART_CHUNK // m)
         for c in range(0, self.n, chunk):
-            self.V[:l, c:c + chunk] = C.T @ self.V[:m, c:c + chunk]
+            self.V[:n_keep, c:c + chunk] = C.T @ self.V[:m, c:c + chunk]
         self.H.zero_()
-        self.H[:l, :l] = torch.diag(theta[keep])
+        self.H[:n_keep, :n_keep] = torch.diag(theta[keep])
         self.R = self.R @ S[:, keep]
-        self.m = l
+        self.m = n_keep
         self.plain = False
-        logger.debug("Lanczos: thick restart keeping %d Ritz vectors", l)
+        logger.debug("Lanczos: thick restart keeping %d Ritz vectors", n_keep)
 
 
 def _ends(theta: Tensor, n_top: int, n_bottom: int) -> tuple[list[int], list[int]]:
@@ -400,17 +400,17 @@ def _ends(theta: Tensor, n_top: int, n_bottom: int) -> tuple[list[int], list[int
     return order[::-1][:n_top], order[:n_bottom]
 
 
-def _keep(theta: Tensor, n_top: int, n_bottom: int, l: int) -> list[int]:
-    """Indices of the ``l`` Ritz vectors kept at a restart: the wanted ones plus their neighbours
+def _keep(theta: Tensor, n_top: int, n_bottom: int, n_keep: int) -> list[int]:
+    """Indices of the ``n_keep`` Ritz vectors kept at a restart: the wanted ones plus their neighbours
     (the extra room is shared between the ends in proportion to what each end wants)."""
     order = torch.argsort(theta).tolist()
     if not n_bottom:
-        return order[::-1][:l]
+        return order[::-1][:n_keep]
     if not n_top:
-        return order[:l]
-    extra = l - n_top - n_bottom
+        return order[:n_keep]
+    extra = n_keep - n_top - n_bottom
     more_bottom = extra * n_bottom // (n_top + n_bottom)
-    return order[::-1][: l - n_bottom - more_bottom] + order[: n_bottom + more_bottom]
+    return order[::-1][: n_keep - n_bottom - more_bottom] + order[: n_bottom + more_bottom]
 
 
 def _suspects(theta: Tensor, bound: Tensor, ends: tuple[list[int], list[int]], block: int,
@@ -423,7 +423,7 @@ def _suspects(theta: Tensor, bound: Tensor, ends: tuple[list[int], list[int]], b
     (a tie).
     """
     out: list[float | None] = []
-    for idx, sign in ((ends[0], 1.0), (ends[1], -1.0)):
+    for idx in ends:
         found = None
         if idx:
             kth = idx[-1]
@@ -601,8 +601,8 @@ def lanczos_run(
     while not lz.exhausted and used + lz.b <= max_iter:
         if lz.m + lz.b > ncv:
             theta, S, _ = lz.ritz()
-            l = max(k_total, min(ncv - lz.b - 1, k_total + (ncv - k_total) // 2))
-            lz.restart(_keep(theta, n_top, n_bottom, l), theta, S)
+            n_keep = max(k_total, min(ncv - lz.b - 1, k_total + (ncv - k_total) // 2))
+            lz.restart(_keep(theta, n_top, n_bottom, n_keep), theta, S)
         used += lz.step()
         state = None
         if lz.vanished:
@@ -716,7 +716,7 @@ class _State:
     S: Tensor
     res: Tensor  # residual estimates, floor included
     bound: Tensor  # error bounds used for the flags
-    delta: float
+    delta: Tensor  # the floor per Ritz value
     top: list[int]
     bottom: list[int]
     converged: Tensor
@@ -834,9 +834,9 @@ def _warn(theta: Tensor, bound: Tensor, idx: list[int], flags: Tensor, converged
         reasons.append(f"{len(missing)} may be displaced by further copies of a repeated eigenvalue")
     budget = [i for i in bad if not bool(converged[i]) and not bool(limited[i])]
     if budget:
-        worst = float((bound[budget] / (tol * theta[budget].abs()).clamp(min=1e-300)).max() * tol)
+        worst_rel = float((bound[budget] / (tol * theta[budget].abs()).clamp(min=1e-300)).max() * tol)
         reasons.append(f"{len(budget)} missed tol={tol} within {used} products (worst relative error bound "
-                       f"{worst:.3g}); raise max_iter or loosen tol")
+                       f"{worst_rel:.3g}); raise max_iter or loosen tol")
     warnings.warn(f"Lanczos: {len(idx) - len(bad)} of {len(idx)} eigenvalues converged; " + "; ".join(reasons),
                   ConvergenceWarning, stacklevel=3)
 

@@ -9,7 +9,8 @@ averages (deterministic; the analysed function then depends on how the data is b
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -14,10 +14,10 @@ callable returning a Dataset/DataLoader of dicts. The target field (``--target-k
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qsl
 
 import numpy as np

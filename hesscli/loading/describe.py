@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -89,7 +91,7 @@ def describe(problem: Problem) -> InfoResult:
     """
     mean, acc, grads = _pass(problem, with_grad=True)
     assert grads is not None
-    grad_norm = float(torch.sqrt(sum((g.to(torch.float64) ** 2).sum() for g in grads))) if grads else 0.0
+    grad_norm = float(torch.sqrt(cast(Tensor, sum((g.to(torch.float64) ** 2).sum() for g in grads)))) if grads else 0.0
     selected = set(problem.params)
     params = tuple(
         ParamInfo(name=n, shape=tuple(p.shape), numel=p.numel(), trainable=bool(p.requires_grad), selected=n in selected)

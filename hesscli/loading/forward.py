@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -20,7 +20,7 @@ from hesscli.errors import InputError
 
 __all__ = ["Inputs", "ModelCall", "DEFAULT_OUTPUT", "batch_len"]
 
-Inputs = Union[Tensor, Mapping[str, Tensor]]
+Inputs = Tensor | Mapping[str, Tensor]
 """One batch of model inputs: a tensor, or a dict of tensors sharing the leading batch dimension."""
 
 DEFAULT_OUTPUT = "logits"

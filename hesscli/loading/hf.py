@@ -136,12 +136,12 @@ def _model_class(spec: str | None, config: Any, transformers: Any, what: str) ->
     if not names:
         raise InputError(f"{what}: config.json names no architectures; pass --model transformers:AutoModelForCausalLM "
                          f"(or the model class that fits the weights)")
-    cls = getattr(transformers, names[0], None)
-    if cls is None:
+    arch = getattr(transformers, names[0], None)
+    if arch is None:
         raise InputError(f"{what}: config.json names architecture {names[0]!r}, which transformers "
                          f"{transformers.__version__} does not have; pass --model pkg.module:ModelClass "
                          f"(custom code from the folder is never run)")
-    return cls
+    return arch
 
 
 def load_hf_folder(path: str | Path, settings: Settings) -> LoadedModel:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math  # noqa: F401  (used by the doctests)
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -215,12 +215,13 @@ def load_loss(spec: str) -> LossSpec:
             f"--loss {spec!r}: unknown loss; use one of {', '.join(LOSSES)} or pkg.module:callable / "
             f"file.py:callable taking (outputs, targets)"
         )
-    fn: Callable[..., Tensor] = load_callable(spec, "--loss")
-    if inspect.isclass(fn) and issubclass(fn, nn.Module):
+    obj = load_callable(spec, "--loss")
+    fn: LossFn = obj
+    if inspect.isclass(obj) and issubclass(obj, nn.Module):
         try:
-            fn = fn()
+            fn = obj()
         except Exception as e:
-            raise InputError(f"--loss {spec}: {fn.__name__}() cannot be built without arguments ({e})") from e
+            raise InputError(f"--loss {spec}: {obj.__name__}() cannot be built without arguments ({e})") from e
     return LossSpec(name=spec, fn=fn, is_classification=False)
 
 

@@ -5,7 +5,8 @@ An algorithm only needs ``size``, ``dtype``, ``device`` and ``matmat``; it never
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor

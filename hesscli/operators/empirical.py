@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -341,7 +342,7 @@ class GGNOperator(EmpiricalRiskOperator):
         model_fn = self._model_fn(x)
         loss_fn = self.problem.loss.fn
         primals = tuple(p.detach() for p in self.params)
-        out, vjp_fn = vjp(model_fn, *primals)
+        out, vjp_fn = cast(tuple[Tensor, Callable[..., tuple[Tensor, ...]]], vjp(model_fn, *primals))  # no aux
         out = out.detach()
         loss_grad = grad(lambda o: w * loss_fn(o, y))
 

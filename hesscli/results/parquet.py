@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -127,7 +127,7 @@ def write_outcomes(out: Path, outcomes: Sequence[Outcome]) -> list[Path]:
     tables = {name: pa.Table.from_pylist(rows[name], schema=TABLES[name]) for name in _WRITE_ORDER if name in rows}
     if not tables:
         return []
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     txid = f"{stamp}-{uuid.uuid4().hex}"
     journal = out / JOURNAL
     prepare, commit = journal / f"{txid}.prepare", journal / f"{txid}.commit"

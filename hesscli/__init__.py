@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING, Any
 
+import hesscli.analyses  # noqa: E402,F401  (registers the analyses; imports no torch)
 from hesscli.errors import (  # noqa: E402
     AnalysisError,
     BackendUnavailable,
@@ -20,8 +21,6 @@ from hesscli.errors import (  # noqa: E402
     ResultsNotSaved,
     UnsupportedAnalysis,
 )
-
-import hesscli.analyses  # noqa: E402,F401  (registers the analyses; imports no torch)
 
 if TYPE_CHECKING:  # pragma: no cover
     from hesscli.api import density, eigs, extremes, trace

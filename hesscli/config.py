@@ -31,7 +31,7 @@ class _SettingsBase:
         def __getattr__(self, name: str) -> Any: ...
 
     def __post_init__(self) -> None:
-        trust = bool(getattr(self, "trust_code") or getattr(self, "trust_pickle"))
+        trust = bool(self.trust_code or self.trust_pickle)
         object.__setattr__(self, "trust_code", trust)
         object.__setattr__(self, "trust_pickle", trust)
 
@@ -79,9 +79,9 @@ DECLARED = _declarations()
 """Option key -> (dataclass field, :class:`OptionInfo`), for every option of every layer."""
 
 
-def _make_settings() -> type[_SettingsBase]:
+def _make_settings() -> type:
     fields: list[tuple[str, Any, Any]] = []
-    for key, (f, meta) in DECLARED.items():
+    for key, (f, _meta) in DECLARED.items():
         kwargs: dict[str, Any] = {"metadata": f.metadata}
         if f.default_factory is not dataclasses.MISSING:
             kwargs["default_factory"] = f.default_factory
@@ -98,7 +98,11 @@ def _make_settings() -> type[_SettingsBase]:
     return cls
 
 
-Settings = _make_settings()
+if TYPE_CHECKING:
+    class Settings(_SettingsBase):
+        """Every option of every command (fields generated from the declarations)."""
+else:
+    Settings = _make_settings()
 
 
 # --------------------------------------------------------------------------------------
@@ -130,7 +134,7 @@ POSITIVE: tuple[str, ...] = tuple(k for k, v in MINIMUM.items() if v >= 1)
 
 def _aliases() -> dict[str, str]:
     out = {"param": "params", "analysis": "analyses", "trust_pickle": "trust_code"}
-    for key, (f, meta) in DECLARED.items():
+    for key, (_f, meta) in DECLARED.items():
         for flag in meta.flags:
             if flag.startswith("--"):
                 out.setdefault(flag[2:].replace("-", "_"), key)
@@ -193,7 +197,7 @@ def parse_model_args(items: list[str] | tuple[str, ...], *, source: str = "--mod
 def _field_types() -> dict[str, tuple[str, bool]]:
     """``field name -> (base type, nullable)`` read from the Settings annotations."""
     kinds: dict[str, tuple[str, bool]] = {}
-    for f in dataclasses.fields(Settings):
+    for f in dataclasses.fields(Settings):  # type: ignore[arg-type]
         ann = str(f.type).replace(" ", "")
         nullable = "|None" in ann or "Optional[" in ann
         ann = ann.replace("|None", "").replace("Optional[", "").rstrip("]") if nullable else ann
@@ -379,7 +383,7 @@ def resolve(
         InputError: missing or invalid config file, unknown key, wrong type, or a value
             outside its allowed set.
     """
-    valid = {f.name for f in dataclasses.fields(Settings)}
+    valid = {f.name for f in dataclasses.fields(Settings)}  # type: ignore[arg-type]
     values: dict[str, object] = {}
     origin: dict[str, str] = {}
 

@@ -16,8 +16,8 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -150,7 +150,7 @@ def analyse(problem: Problem, analysis: str, settings: Any, *, reduce: Reduce | 
     options = a.defaults_for(backend, a.options(settings))
     a.check(backend, options, settings.curvature)
     check_fits(backend, problem)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.perf_counter()
     generator = torch.Generator().manual_seed(settings.seed)
     result = a.run(backend, problem, options, generator, shared)
@@ -172,7 +172,7 @@ def failed_outcome(checkpoint: str, analysis: str, settings: Any, error: BaseExc
     if backend is not None:
         options = a.defaults_for(backend, options)
     run = _run_info(problem, analysis, settings, checkpoint=checkpoint, sha256=sha256, step=step,
-                    started=datetime.now(timezone.utc), seconds=0.0, n_hvp=0, loss=None, status="failed",
+                    started=datetime.now(UTC), seconds=0.0, n_hvp=0, loss=None, status="failed",
                     error=text, backend=backend, options=options)
     return Outcome(run=run, result=None)
 
@@ -230,3 +230,11 @@ def _facade(name: str) -> Callable[..., Any]:
 for _name in NAMES:
     globals()[_name] = _facade(_name)
 del _name
+
+if TYPE_CHECKING:  # what type checkers see of the generated functions of the built-in analyses
+    from hesscli.results.records import DensityResult, EigsResult, ExtremesResult, TraceResult
+
+    def trace(model: nn.Module, loss: Any, data: Any, **options: Any) -> TraceResult: ...
+    def eigs(model: nn.Module, loss: Any, data: Any, **options: Any) -> EigsResult: ...
+    def extremes(model: nn.Module, loss: Any, data: Any, **options: Any) -> ExtremesResult: ...
+    def density(model: nn.Module, loss: Any, data: Any, **options: Any) -> DensityResult: ...

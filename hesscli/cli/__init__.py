@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from hesscli.threads import prepare_environment
 
 prepare_environment()  # before anything below imports torch: OpenMP reads it once, when it is loaded
 
-import typer  # noqa: E402
+import typer  # noqa: E402, I001
 
 from hesscli.cli.app import app  # noqa: E402
 from hesscli.errors import HesscliError  # noqa: E402
 
-# Command modules register themselves on ``app`` when imported.
-from hesscli.cli import info  # noqa: E402,F401  (hesscli info)
-
-from hesscli.cli import commands  # noqa: E402,F401  (one command per analysis, scan, plot)
+# Command modules register themselves on ``app`` when imported, in this order.
+from hesscli.cli import info  # noqa: E402,F401,I001  (hesscli info)
+from hesscli.cli import commands  # noqa: E402,F401,I001  (one command per analysis, scan, plot)
 
 __all__ = ["app", "main"]
 
@@ -35,7 +35,7 @@ def _fail(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
-def _click_exceptions() -> tuple[type[BaseException], type[BaseException], type[BaseException]]:
+def _click_exceptions() -> tuple[Any, Any, Any]:
     """``(ClickException, NoArgsIsHelpError, Abort)`` of the click that Typer uses."""
     try:
         from typer._click import exceptions as ce  # Typer >= 0.16 ships its own click
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             typer.echo(f"rank {os.environ.get('RANK', '?')}: stopped because another process of the job failed",
                        err=True)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", 1)
     finally:
         warnings.showwarning = previous_showwarning

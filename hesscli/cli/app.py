@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from importlib import metadata
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -47,11 +47,11 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def root(
     version: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Show the version and exit."),
     ] = None,
     debug: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option("--debug", help="Show full tracebacks instead of one-line errors."),
     ] = None,
 ) -> None:

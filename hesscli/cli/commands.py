@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -83,7 +83,7 @@ for _analysis in REGISTRY.values():
 # ----------------------------------------------------------------------------- scan
 def _scan_specs() -> list[o.Spec]:
     analysis_specs = [s for a in REGISTRY.values() if a.in_scan for s in o.analysis_options(a.Options, local=False)]
-    analyses = o.Spec("analyses", "analyses", Annotated[Optional[str], typer.Option(
+    analyses = o.Spec("analyses", "analyses", Annotated[str | None, typer.Option(
         "--analyses", help=f"Comma-separated: {','.join(a.name for a in REGISTRY.values() if a.in_scan)} "
         "(default trace,eigs,extremes,density).", metavar="LIST", show_default=False)])
     return [*o.problem_options(), *o.engine_options(), *o.run_options(("out", "json", "quiet", "debug", "threads")),
@@ -113,8 +113,8 @@ app.command("scan")(o.make_command(
 @app.command("plot")
 def plot_cmd(
     out: Annotated[Path, typer.Argument(help="Results folder written by hesscli (default ./hesscli-results).")] = Path("hesscli-results"),
-    to: Annotated[Optional[Path], typer.Option("--to", help="Where to write the PNGs (default OUT/plots).")] = None,
-    debug: Annotated[Optional[bool], typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = None,
+    to: Annotated[Path | None, typer.Option("--to", help="Where to write the PNGs (default OUT/plots).")] = None,
+    debug: Annotated[bool | None, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = None,
 ) -> None:
     """PNG figures: spectral density per checkpoint, top eigenvalues, curvature against step.
 

@@ -65,7 +65,7 @@ def settings_from(command: str, **flag_values: Any) -> Settings:
     from_config = {f"--{key}" for key in ("model", "data", "loss")
                    if config_path is not None and flag_values.get(key) is None and getattr(settings, key) is not None}
     setup_logging(quiet=settings.quiet or settings.json, debug=settings.debug,
-                  code_from=(path_text(config_path), from_config) if from_config else None)
+                  code_from=(path_text(config_path), from_config) if from_config and config_path else None)
     quiet = settings.quiet or settings.json
     if config_path is not None and not quiet:
         typer.echo(f"config: {path_text(config_path)}{'' if config is not None else ' (found in the working folder)'}",

@@ -13,7 +13,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -31,7 +31,7 @@ CheckpointArg = Annotated[
     ),
 ]
 ConfigOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", help="Settings file (TOML). Default: ./hesscli.toml when present (which cannot "
                  "switch on --trust-code).", metavar="FILE", rich_help_panel=RUNTIME, show_default=False),
 ]
@@ -68,7 +68,7 @@ def _spec(key: str, f: dataclasses.Field[Any], meta: OptionInfo, *, local: bool 
         flags = [f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:]]
     option = typer.Option(*flags, help=meta.help, metavar=meta.metavar, rich_help_panel=meta.panel,
                           show_default=False)
-    return Spec(param, key, Annotated[Optional[_typer_type(str(f.type))], option])
+    return Spec(param, key, Annotated[_typer_type(str(f.type)) | None, option])
 
 
 def _group(cls: type, keys: Iterable[str] | None = None, *, local: bool = True) -> list[Spec]:

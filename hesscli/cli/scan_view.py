@@ -17,8 +17,8 @@ from hesscli.results.fileops import path_text
 def run_scan_command(target: str, settings: Settings) -> int:
     """Run a scan, writing each checkpoint's rows as soon as it is done. Returns the exit code."""
     from hesscli.results.parquet import read_table, write_outcomes
-    from hesscli.results.tables import eigenvectors_to_save, save_eigenvectors
     from hesscli.results.render import outcome_to_json, render_scan_summary
+    from hesscli.results.tables import eigenvectors_to_save, save_eigenvectors
     from hesscli.scan import run_scan
 
     ctx, settings = session.start(settings)
@@ -42,7 +42,14 @@ def run_scan_command(target: str, settings: Settings) -> int:
                 failure.append(str(e))
                 raise _Stop from e
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=err_console(), transient=True, disable=not show)

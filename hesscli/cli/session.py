@@ -59,7 +59,14 @@ def product_progress(settings: Any, description: str, total: int,
     if not enabled or not shows(settings):
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("products"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console(), transient=True) as bar:

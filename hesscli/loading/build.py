@@ -95,7 +95,7 @@ def _shape(t: Any) -> str:
 def _select_params(model: nn.Module, globs: tuple[str, ...]) -> tuple[dict[str, Tensor], list[str]]:
     named = list(model.named_parameters())
     frozen = [n for n, p in named if not p.requires_grad]
-    trainable = [(n, p) for n, p in named if p.requires_grad]
+    trainable: list[tuple[str, Tensor]] = [(n, p) for n, p in named if p.requires_grad]
     if not named:
         raise InputError(f"model {model_name(model)} has no parameters; nothing to analyse")
     if not trainable:
@@ -394,7 +394,8 @@ def private_copy(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
             twin = type(m).__new__(type(m))
             twin.__dict__.update(m.__dict__)
             modules[id(m)] = twin
-            twin._parameters = {k: None if v is None else param(v) for k, v in m._parameters.items()}
+            twin._parameters = {k: None if v is None else param(v)  # type: ignore[misc]
+                                for k, v in m._parameters.items()}
             twin._buffers = {k: None if v is None else buffer(v) for k, v in m._buffers.items()}
             twin._modules = {k: None if v is None else tree(v) for k, v in m._modules.items()}
         return modules[id(m)]

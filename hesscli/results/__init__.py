@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-
 if TYPE_CHECKING:  # pragma: no cover
+    from hesscli.results.parquet import read_table, write_outcomes
+    from hesscli.results.plots import make_plots
     from hesscli.results.records import (
         DensityResult,
         EigsResult,
@@ -21,8 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
         RunInfo,
         TraceResult,
     )
-    from hesscli.results.parquet import read_table, write_outcomes
-    from hesscli.results.plots import make_plots
     from hesscli.results.render import outcome_to_json, render_json, render_outcome, render_scan_summary
     from hesscli.results.tables import (
         TABLES,

@@ -21,8 +21,11 @@ __all__ = ["TablePlugin", "PLUGINS", "register", "plugin"]
 class TablePlugin(Protocol):
     """What the results layer needs from an analysis."""
 
-    name: str
-    tables: tuple[str, ...]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tables(self) -> tuple[str, ...]: ...
 
     def schemas(self) -> dict[str, pa.Schema]: ...
 

@@ -19,7 +19,8 @@ from hesscli.errors import InputError
 from hesscli.loading.problem import LossFn, LossSpec
 from hesscli.loading.specs import load_callable
 
-__all__ = ["load_loss", "LOSSES", "CLASSIFICATION_LOSSES", "TOKEN_LOSSES", "IGNORE_INDEX", "check_targets"]
+__all__ = ["load_loss", "LOSSES", "CLASSIFICATION_LOSSES", "TOKEN_LOSSES", "IGNORE_INDEX", "check_targets",
+           "ACCURACIES", "accuracy_fn"]
 
 IGNORE_INDEX = -100
 """Token label that is left out of token losses (the Hugging Face and PyTorch convention)."""
@@ -185,6 +186,69 @@ TOKEN_LOSSES: dict[str, Callable[[Tensor], Tensor]] = {
     "token_cross_entropy": _count_tokens,
 }
 """Token losses and how many tokens of a batch's labels they average over."""
+
+
+def _class_accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Fraction of positions whose arg-max class (dimension 1) is the target class (or the arg-max of
+    class-probability targets), for ``cross_entropy`` and ``nll``."""
+    if targets.is_floating_point() and targets.shape == outputs.shape:
+        truth = targets.argmax(dim=1)
+    else:
+        truth = _class_targets(outputs, targets, "accuracy")
+    return (outputs.argmax(dim=1) == truth).to(torch.float64).mean()
+
+
+def _binary_accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Fraction of logits on the side of 0 their target is on (``> 0`` against ``> 0.5``), over all elements."""
+    return ((outputs > 0) == (targets.reshape(outputs.shape) > 0.5)).to(torch.float64).mean()
+
+
+def _token_hits(logits: Tensor, labels: Tensor) -> Tensor:
+    keep = labels != IGNORE_INDEX
+    hits = (logits.argmax(dim=-1) == labels) & keep
+    return hits.to(torch.float64).sum() / keep.sum().clamp(min=1).to(torch.float64)
+
+
+def _causal_accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Fraction of counted next tokens predicted by the arg-max of the logits one position earlier."""
+    return _token_hits(outputs[:, :-1], targets[:, 1:])
+
+
+def _token_accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Fraction of counted tokens whose arg-max logit (class dimension last) is the label."""
+    return _token_hits(outputs, targets)
+
+
+ACCURACIES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "cross_entropy": _class_accuracy,
+    "nll": _class_accuracy,
+    "bce_with_logits": _binary_accuracy,
+    "causal_lm": _causal_accuracy,
+    "token_cross_entropy": _token_accuracy,
+}
+"""Batch accuracy of the named losses that have classes: ``accuracy(outputs, targets)`` is the float64
+fraction of correct predictions averaged over the same terms as the batch-mean loss (samples, or
+positions and elements within them, or counted tokens), so batch weights turn it into the dataset
+accuracy exactly as they turn batch losses into the dataset mean loss."""
+
+
+def accuracy_fn(loss: LossSpec) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """The batch accuracy of ``loss``, or ``None`` when the loss has no classes.
+
+    A loss has classes when it is one of the named classification losses (``cross_entropy``,
+    ``nll``, ``bce_with_logits``) or token losses (``causal_lm``, ``token_cross_entropy``); a
+    callable loss (``pkg.module:callable``, or one handed over from Python) never does.
+
+    Example:
+        >>> acc = accuracy_fn(load_loss("cross_entropy"))
+        >>> float(acc(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])))
+        0.5
+        >>> accuracy_fn(load_loss("mse")) is None
+        True
+    """
+    if loss.name in ACCURACIES and (loss.is_classification or loss.count is not None):
+        return ACCURACIES[loss.name]
+    return None
 
 
 def load_loss(spec: str) -> LossSpec:

@@ -40,9 +40,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Callable, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -53,6 +52,7 @@ from hesscli.errors import HesscliError, InputError
 from hesscli.loading.loss import accuracy_fn
 from hesscli.loading.problem import Problem
 from hesscli.operators.empirical import differentiable_kernels
+from hesscli.results.records import LandscapeResult
 
 __all__ = [
     "NORMALIZE",
@@ -90,47 +90,6 @@ Reduce = Callable[[Tensor], Tensor]
 ParamsLike = Union[Mapping[str, Tensor], Sequence[Tensor], Sequence[Sequence[int]]]
 
 _IGNORE_ALIASES = {"biasbn": "bias-bn", "bias_bn": "bias-bn"}
-
-
-@dataclass(frozen=True)
-class LandscapeResult:
-    """Mean loss (and accuracy) on a 1-D or 2-D grid of parameter points.
-
-    Attributes:
-        alphas: ``[n_α]`` float64 step sizes along the first direction (each direction in 1-D).
-        betas: ``[n_β]`` float64 step sizes along the second direction; ``None`` in 1-D.
-        loss: float64 mean loss; ``[k, n_α]`` in 1-D (row ``i`` along direction ``i``, so several
-            eigenvectors give one line each), ``[n_α, n_β]`` in 2-D (``loss[i, j]`` at
-            ``θ + alphas[i]·d₁ + betas[j]·d₂``). Points where the loss overflows hold ``inf``/``nan``.
-        accuracy: float64 fraction of correct predictions, shaped like ``loss``; ``None`` when the
-            loss has no classes (:func:`hesscli.loading.loss.accuracy_fn`).
-        direction_kind: ``eigs`` | ``random`` | ``given``.
-        normalize: the normalisation the directions went through (``filter`` | ``layer`` | ``none``).
-        eigenvalues: the eigenvalue of each direction for ``eigs`` directions, else ``None``.
-        directions: ``[k, P]`` the directions used, on the problem's device and dtype.
-        n_forward: parameter points evaluated, each costing one forward pass over the whole
-            dataset (every batch once): the grid points plus one for the centre. It does not depend
-            on how points were batched into vmapped calls, nor on the number of batches or ranks.
-        center_loss: the mean loss at θ (``α = β = 0``), i.e. :func:`hesscli.api.loss_value`.
-        center_accuracy: the accuracy at θ; ``None`` without classes.
-    """
-
-    alphas: Tensor
-    betas: Tensor | None
-    loss: Tensor
-    accuracy: Tensor | None
-    direction_kind: str
-    normalize: str
-    eigenvalues: tuple[float, ...] | None
-    directions: Tensor
-    n_forward: int
-    center_loss: float
-    center_accuracy: float | None = None
-
-    @property
-    def dims(self) -> int:
-        """1 for a line (or one line per direction), 2 for a plane."""
-        return 1 if self.betas is None else 2
 
 
 # ----------------------------------------------------------------------------- directions

@@ -11,13 +11,14 @@ from hesscli.analyses.base import Analysis
 from hesscli.analyses.density import Density
 from hesscli.analyses.eigs import Eigs
 from hesscli.analyses.extremes import Extremes
+from hesscli.analyses.landscape import Landscape
 from hesscli.analyses.trace import Trace
 from hesscli.errors import InputError
 from hesscli.results.plugins import register
 
 __all__ = ["Analysis", "REGISTRY", "NAMES", "get"]
 
-REGISTRY: dict[str, Analysis] = {a.name: a for a in (Trace(), Eigs(), Extremes(), Density())}
+REGISTRY: dict[str, Analysis] = {a.name: a for a in (Trace(), Eigs(), Extremes(), Density(), Landscape())}
 """Analysis name -> its plug-in, in the order commands and tables are listed."""
 
 NAMES: tuple[str, ...] = tuple(REGISTRY)

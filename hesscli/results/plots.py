@@ -36,7 +36,7 @@ __all__ = ["make_plots", "PLOT_FILES"]
 logger = logging.getLogger(__name__)
 
 #: The files :func:`make_plots` can write.
-PLOT_FILES = ("density.png", "eigenvalues.png", "curvature_vs_step.png")
+PLOT_FILES = ("density.png", "eigenvalues.png", "curvature_vs_step.png", "landscape_1d.png", "landscape_2d.png")
 
 _DPI = 150
 _CMAP = "viridis"
@@ -151,6 +151,16 @@ def _rows_of(df: pd.DataFrame, ok: pd.DataFrame, analysis: str) -> pd.DataFrame:
     if df.empty or ids.empty:
         return df.iloc[0:0]
     return df[df["run_id"].isin(set(ids))]
+
+
+def _latest_landscape(rows: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the newest ok landscape run of each checkpoint (lines and planes are chosen apart,
+    so a 1-D and a 2-D run of one checkpoint are both drawn)."""
+    if rows.empty:
+        return rows
+    ok = runs[(runs["status"] == "ok") & (runs["analysis"] == "landscape")]
+    latest = latest_ok_runs(ok[ok["run_id"].isin(set(rows["run_id"]))])
+    return rows[rows["run_id"].isin(set(latest["run_id"]))]
 
 
 def _curvature_word(ok: pd.DataFrame, analysis: str) -> str:
@@ -392,12 +402,15 @@ def make_plots(out: Path, to: Path | None = None) -> list[Path]:
     trace_all = _rows_of(read_table(out, "trace"), ok, "trace")
     trace = trace_all[trace_all["param_group"] == TOTAL_GROUP]
     lmax, lmin = _extreme_series(read_table(out, "extremes"), eigs_all, ok)
+    landscape = read_table(out, "landscape")
+    lines, planes = (_latest_landscape(landscape[mask], runs) for mask in (landscape["beta"].isna(),
+                                                                           landscape["beta"].notna()))
 
-    if density.empty and eigs.empty and trace.empty and not lmax and not lmin:
+    if density.empty and eigs.empty and trace.empty and not lmax and not lmin and lines.empty and planes.empty:
         n_failed = int((runs["status"] != "ok").sum()) if not runs.empty else 0
         found = f"{len(runs)} runs, {n_failed} failed" if not runs.empty else "no runs table"
         raise InputError(
-            f"{out}: nothing to plot ({found}; no ok trace, eigs, extremes or density results); "
+            f"{out}: nothing to plot ({found}; no ok trace, eigs, extremes, density or landscape results); "
             f"run e.g. `hesscli scan CHECKPOINT_DIR --out {out}` first"
         )
 
@@ -415,4 +428,11 @@ def make_plots(out: Path, to: Path | None = None) -> list[Path]:
         written.append(_plot_eigs(eigs, ok, ckpts, target / "eigenvalues.png"))
     if not trace.empty or lmax or lmin:
         written.append(_plot_curvature(trace, lmax, lmin, ok, ckpts, target / "curvature_vs_step.png"))
+    if not lines.empty or not planes.empty:
+        from hesscli.results.landscape_plots import plot_landscape_1d, plot_landscape_2d
+
+        if not lines.empty:
+            written.append(plot_landscape_1d(lines, ok, target / "landscape_1d.png"))
+        if not planes.empty:
+            written.append(plot_landscape_2d(planes, ok, target / "landscape_2d.png"))
     return written

@@ -131,9 +131,57 @@ class DensityResult:
 
 
 @dataclass(frozen=True)
+class LandscapeResult:
+    """Mean loss (and accuracy) on a 1-D or 2-D grid of parameter points.
+
+    Attributes:
+        alphas: ``[n_α]`` float64 step sizes along the first direction (each direction in 1-D).
+        betas: ``[n_β]`` float64 step sizes along the second direction; ``None`` in 1-D.
+        loss: float64 mean loss; ``[k, n_α]`` in 1-D (row ``i`` along direction ``i``, so several
+            eigenvectors give one line each), ``[n_α, n_β]`` in 2-D (``loss[i, j]`` at
+            ``θ + alphas[i]·d₁ + betas[j]·d₂``). Points where the loss overflows hold ``inf``/``nan``.
+        accuracy: float64 fraction of correct predictions, shaped like ``loss``; ``None`` when the
+            loss has no classes (:func:`hesscli.loading.loss.accuracy_fn`).
+        direction_kind: ``eigs`` | ``random`` | ``given``.
+        normalize: the normalisation the directions went through (``filter`` | ``layer`` | ``none``).
+        eigenvalues: the eigenvalue of each direction for ``eigs`` directions, else ``None``.
+        directions: ``[k, P]`` the directions used, on the problem's device and dtype.
+        n_forward: parameter points evaluated, each costing one forward pass over the whole
+            dataset (every batch once): the grid points plus one for the centre. It does not depend
+            on how points were batched into vmapped calls, nor on the number of batches or ranks.
+        center_loss: the mean loss at θ (``α = β = 0``), i.e. :func:`hesscli.api.loss_value`.
+        center_accuracy: the accuracy at θ; ``None`` without classes.
+        n_hvp: curvature products spent finding the directions (``eigs``), else 0.
+    """
+
+    alphas: torch.Tensor
+    betas: torch.Tensor | None
+    loss: torch.Tensor
+    accuracy: torch.Tensor | None
+    direction_kind: str
+    normalize: str
+    eigenvalues: tuple[float, ...] | None
+    directions: torch.Tensor
+    n_forward: int
+    center_loss: float
+    center_accuracy: float | None = None
+    n_hvp: int = 0
+
+    @property
+    def eigenvectors(self) -> torch.Tensor:
+        """The directions as columns, ``[P, k]`` (the layout ``--save-vectors`` files use)."""
+        return self.directions.T
+
+    @property
+    def dims(self) -> int:
+        """1 for a line (or one line per direction), 2 for a plane."""
+        return 1 if self.betas is None else 2
+
+
+@dataclass(frozen=True)
 class Outcome:
     """One analysis of one checkpoint: provenance plus result (``None`` when it failed)."""
 
     run: RunInfo
-    result: TraceResult | EigsResult | ExtremesResult | DensityResult | None
+    result: TraceResult | EigsResult | ExtremesResult | DensityResult | LandscapeResult | None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -122,7 +122,7 @@ def _commands() -> tuple[str, ...]:
 COMMANDS: tuple[str, ...] = _commands()
 """Per-command tables allowed in ``hesscli.toml`` (``[trace] probes = 200``)."""
 
-CHOICES: dict[str, tuple[str, ...]] = {k: m.choices for k, (_, m) in DECLARED.items() if m.choices}
+CHOICES: dict[str, tuple[Any, ...]] = {k: m.choices for k, (_, m) in DECLARED.items() if m.choices}
 """Allowed values of the options that take one of a fixed set of words."""
 
 MINIMUM: dict[str, float] = {k: m.minimum for k, (_, m) in DECLARED.items() if m.minimum is not None}
@@ -313,7 +313,7 @@ def _validate(key: str, value: object, where: str) -> None:
     if value is None:
         return
     if key in CHOICES and value not in CHOICES[key]:
-        raise InputError(f"{where} {value!r} is not one of {'|'.join(CHOICES[key])}")
+        raise InputError(f"{where} {value!r} is not one of {'|'.join(map(str, CHOICES[key]))}")
     if key == "analyses":
         from hesscli.analyses import REGISTRY
 

@@ -58,7 +58,7 @@ class OptionInfo:
     help: str
     key: str | None = None
     flags: tuple[str, ...] = ()
-    choices: tuple[str, ...] | None = None
+    choices: tuple[Any, ...] | None = None
     minimum: float | None = None
     positive: bool = False
     metavar: str | None = None

@@ -83,6 +83,7 @@ class CheckpointRunner:
         self.backend: Backend = get_backend(settings.engine, reduce=reduce, on_matvecs=on_matvecs)
         self.options = {a.name: a.defaults_for(self.backend, a.options(settings)) for a in self.analyses}
         for a in self.analyses:  # refuse what the backend cannot do before touching any checkpoint
+            a.validate(self.options[a.name])
             a.check(self.backend, self.options[a.name], settings.curvature)
 
     @property

@@ -78,6 +78,10 @@ class Analysis:
         return json.dumps(values, sort_keys=True, default=str)
 
     # ------------------------------------------------------------------ backend
+    def validate(self, options: Any) -> None:
+        """Refuse combinations of options that cannot go together, before anything is loaded
+        (single values are checked where they are declared)."""
+
     def check(self, backend: Backend, options: Any, curvature: str) -> None:
         """Refuse, before any work, what ``backend`` cannot do for these options (exit 2 with what it can)."""
         caps = backend.capabilities

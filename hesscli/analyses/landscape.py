@@ -34,7 +34,7 @@ class LandscapeOptions:
     directions: str = option("random", choices=("random", "eigs"), metavar="random|eigs", panel=ANALYSIS, help=(
         "random (default): seeded Gaussian directions, normalised per --normalize | eigs: unit Hessian (GGN) "
         "eigenvectors of the largest eigenvalues (computed in this run, or read with --vectors)."))
-    dims: int = option(1, minimum=1, metavar="1|2", panel=ANALYSIS,
+    dims: int = option(1, choices=(1, 2), metavar="1|2", panel=ANALYSIS,
                        help="1 (default): a line along each direction | 2: the plane of two directions.")
     steps: int = option(21, minimum=2, metavar="N", panel=ANALYSIS,
                         help="Grid points per axis over [-span, span]. Default 21.")
@@ -75,11 +75,12 @@ class Landscape(Analysis):
     def method(self, backend: Backend | None, options: LandscapeOptions) -> str:
         return f"grid-{options.directions}"
 
-    def check(self, backend: Backend, options: LandscapeOptions, curvature: str) -> None:
-        if options.dims not in (1, 2):
-            raise InputError(f"--dims {options.dims}: use 1 (lines) or 2 (a plane)")
+    def validate(self, options: LandscapeOptions) -> None:
         if options.vectors is not None and options.directions != "eigs":
             raise InputError("--vectors reads eigenvectors: use it with --directions eigs")
+
+    def check(self, backend: Backend, options: LandscapeOptions, curvature: str) -> None:
+        self.validate(options)
         if options.directions == "eigs" and options.vectors is None:
             caps = backend.capabilities
             if "eigs" not in caps.analyses or "largest" not in caps.whiches:

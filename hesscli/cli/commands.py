@@ -29,6 +29,7 @@ def run_single(analysis: Analysis, checkpoint: Path, values: dict[str, Any]) -> 
     from hesscli.results.tables import save_eigenvectors
 
     settings = settings_from(analysis.name, **values)
+    analysis.validate(analysis.options(settings))
     ctx, settings = session.start(settings)
     problem = load_problem(checkpoint, settings, ctx)
     if ctx.is_main:

@@ -283,13 +283,16 @@ def save_eigenvectors(out_dir: Path, outcome: Outcome) -> Path:
     result: Any = outcome.result
     payload = {
         "eigenvectors": vectors.detach().to("cpu").contiguous(),
-        "eigenvalues": torch.tensor(result.eigenvalues, dtype=torch.float64),
-        "which": list(result.which),
-        "rank": list(result.rank),
+        "eigenvalues": torch.tensor(result.eigenvalues or (), dtype=torch.float64),
+        "which": list(getattr(result, "which", ("largest",) * len(result.eigenvalues or ()))),
+        "rank": list(getattr(result, "rank", range(1, len(result.eigenvalues or ()) + 1))),
         "run_id": run.run_id,
         "checkpoint": run.checkpoint,
         "step": run.step,
     }
+    if hasattr(result, "directions"):  # a landscape: its directions as rows, and how they were made
+        payload.update(directions=result.directions.detach().to("cpu").contiguous(),
+                       direction_kind=result.direction_kind, normalize=result.normalize)
     folder = Path(out_dir) / "vectors"
     path = folder / f"{run.run_id}.pt"
     tmp = folder / f".{run.run_id}.{uuid.uuid4().hex}.pt.tmp"

@@ -1,0 +1,136 @@
+"""``hesscli landscape`` through the registry: the Python function, the command, scan and plot,
+against exact answers (the algorithms themselves: tests/test_landscape_core.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import hesscli
+from hesscli.cli import app, main
+
+runner = CliRunner()
+
+
+def _regression(n: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.3], dtype=torch.float64)
+    y = X @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64) + 0.1 * torch.randn(n, 1, generator=g,
+                                                                                          dtype=torch.float64)
+    model = torch.nn.Linear(3, 1).double()
+    return model, X, y
+
+
+def _exact_top2(X: torch.Tensor) -> torch.Tensor:
+    A = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    return torch.linalg.eigvalsh(2 * A.T @ A / len(X)).flip(0)[:2]  # mean MSE of a linear model
+
+
+def test_eigen_directions_give_the_exact_quadratic(tmp_path):
+    model, X, y = _regression()
+    r = hesscli.landscape(model, "mse", (X, y), directions="eigs", dims=2, steps=7, span=0.8, dtype="float64")
+    lam = _exact_top2(X)
+    assert torch.allclose(torch.tensor(r.eigenvalues, dtype=torch.float64), lam, rtol=1e-8)
+    a, b = torch.meshgrid(r.alphas, r.betas, indexing="ij")
+    a, b, loss = a.reshape(-1), b.reshape(-1), r.loss.reshape(-1)
+    design = torch.stack([torch.ones_like(a), a, b, a * a / 2, b * b / 2, a * b], 1)
+    coef = torch.linalg.lstsq(design, loss.unsqueeze(1)).solution.squeeze(1)
+    assert torch.allclose(coef[3:5], lam, rtol=1e-8)  # fitted curvatures are λ1, λ2
+    assert abs(float(coef[5])) < 1e-8 * float(lam[0])  # no αβ term
+    with torch.no_grad():
+        center = float(((model(X) - y) ** 2).mean())
+    assert abs(float(coef[0]) - center) < 1e-10 and abs(r.center_loss - center) < 1e-12
+    assert r.n_hvp > 0 and r.n_forward == 7 * 7 + 1 and r.accuracy is None
+
+
+def _net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+
+
+def _files(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "nets.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))\n")
+    g = torch.Generator().manual_seed(1)
+    torch.save({"inputs": torch.randn(48, 4, generator=g), "targets": torch.randint(0, 3, (48,), generator=g)},
+               tmp_path / "data.pt")
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (100, 200):
+        torch.manual_seed(step)
+        torch.save(_net().state_dict(), run / f"ckpt_{step:06d}.pt")
+    return {"model": f"{tmp_path / 'nets.py'}:make", "data": str(tmp_path / "data.pt"), "run": str(run)}
+
+
+def test_command_writes_the_table_and_the_plots(tmp_path):
+    f = _files(tmp_path)
+    out = tmp_path / "out"
+    ckpt = str(Path(f["run"]) / "ckpt_000100.pt")
+    base = ["landscape", ckpt, "--model", f["model"], "--data", f["data"], "--out", str(out), "--dtype", "float64"]
+    one = runner.invoke(app, [*base, "--steps", "5", "--json"])
+    assert one.exit_code == 0, one.output
+    doc = json.loads(one.stdout)
+    assert doc["run"]["analysis"] == "landscape" and doc["run"]["method"] == "grid-random"
+    two = runner.invoke(app, [*base, "--dims", "2", "--steps", "4", "--directions", "eigs", "--quiet"])
+    assert two.exit_code == 0, two.output
+    table = pd.read_parquet(out / "landscape")
+    lines, planes = table[table["beta"].isna()], table[table["beta"].notna()]
+    assert len(lines) == 5 and len(planes) == 16
+    assert set(lines["direction_kind"]) == {"random"} and set(planes["direction_kind"]) == {"eigs"}
+    assert planes["eigenvalue_1"].iloc[0] >= planes["eigenvalue_2"].iloc[0]
+    assert lines["accuracy"].between(0, 1).all() and (lines["n_forward"] == 6).all()
+    centre = lines[lines["alpha"].abs() < 1e-12]["loss"].iloc[0]
+    runs = pd.read_parquet(out / "runs")
+    assert abs(centre - runs[runs.analysis == "landscape"]["loss_value"].iloc[0]) < 1e-12
+    plot = runner.invoke(app, ["plot", str(out)])
+    assert plot.exit_code == 0, plot.output
+    assert (out / "plots" / "landscape_1d.png").stat().st_size > 0
+    assert (out / "plots" / "landscape_2d.png").stat().st_size > 0
+
+
+def test_saved_eigenvectors_are_read_back_and_random_directions_repeat_across_checkpoints(tmp_path):
+    f = _files(tmp_path)
+    out = tmp_path / "out"
+    ckpt = str(Path(f["run"]) / "ckpt_000100.pt")
+    common = [ckpt, "--model", f["model"], "--data", f["data"], "--out", str(out), "--dtype", "float64", "--json"]
+    eigs = runner.invoke(app, ["eigs", *common, "--top-k", "2", "--save-vectors"])
+    assert eigs.exit_code == 0, eigs.output
+    saved = json.loads(eigs.stdout)["eigenvectors_path"]
+    fresh = json.loads(runner.invoke(app, ["landscape", *common, "--directions", "eigs", "--steps", "5"]).stdout)
+    read = json.loads(runner.invoke(app, ["landscape", *common, "--directions", "eigs", "--steps", "5",
+                                          "--vectors", saved]).stdout)
+    assert read["result"]["n_hvp"] == 0 and fresh["result"]["n_hvp"] > 0
+    assert read["result"]["eigenvalues"] == pytest.approx(fresh["result"]["eigenvalues"][:1], rel=1e-8)
+    got, want = read["result"]["loss"][0], fresh["result"]["loss"][0]  # an eigenvector's sign is arbitrary
+    assert got == pytest.approx(want, rel=1e-6) or got == pytest.approx(want[::-1], rel=1e-6)
+
+    # a scan: the same raw random directions on every checkpoint (common random numbers), resumable
+    scan = ["scan", f["run"], "--model", f["model"], "--data", f["data"], "--out", str(tmp_path / "s"),
+            "--analyses", "landscape", "--normalize", "none", "--steps", "3", "--save-vectors", "--quiet"]
+    assert runner.invoke(app, scan).exit_code == 0
+    files = sorted((tmp_path / "s" / "vectors").glob("*.pt"))
+    assert len(files) == 2
+    d0, d1 = (torch.load(p, weights_only=True)["directions"] for p in files)
+    assert torch.equal(d0, d1)
+    again = runner.invoke(app, [*scan[:-1], "--json"])
+    assert json.loads(again.stdout)["outcomes"] == [] and len(json.loads(again.stdout)["skipped"]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dims", "3"], "--dims 3 is not one of 1|2"),
+    (["--vectors", "x.pt"], "--vectors reads eigenvectors"),
+    (["--normalize", "rows"], "is not one of filter|layer|none"),
+])
+def test_bad_landscape_options_are_one_line_exit_2(tmp_path, capsys, args, message):
+    f = _files(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["landscape", str(Path(f["run"]) / "ckpt_000100.pt"), "--model", f["model"], "--data", f["data"],
+              "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -27,6 +27,7 @@ from hesscli.errors import InputError
 from hesscli.results import parquet, plots, render, tables
 from hesscli.results.parquet import part_files, read_table, write_outcomes
 from hesscli.results.records import (
+    LandscapeResult,
     DensityResult,
     EigsResult,
     ExtremesResult,
@@ -104,7 +105,15 @@ def all_outcomes(prefix: str = "r", step: int | None = 100, checkpoint: str = "e
         Outcome(make_run("eigs", f"{prefix}-eigs", **kw), make_eigs()),
         Outcome(make_run("extremes", f"{prefix}-extremes", **kw), make_extremes()),
         Outcome(make_run("density", f"{prefix}-density", method="slq", **kw), make_density()),
+        Outcome(make_run("landscape", f"{prefix}-landscape", method="grid-random", **kw), make_landscape()),
     ]
+
+
+def make_landscape() -> LandscapeResult:
+    alphas = torch.linspace(-1, 1, 3, dtype=torch.float64)
+    return LandscapeResult(alphas, None, torch.tensor([[1.5, 0.25, 2.0]], dtype=torch.float64),
+                           torch.tensor([[0.5, 1.0, 0.75]], dtype=torch.float64), "random", "filter", None,
+                           torch.zeros(1, 1234, dtype=torch.float64), 4, 0.25, 1.0)
 
 
 def failed_outcome(run_id: str = "bad-1", analysis: str = "eigs") -> Outcome:
@@ -116,7 +125,7 @@ def failed_outcome(run_id: str = "bad-1", analysis: str = "eigs") -> Outcome:
 
 
 def test_table_columns_match_the_contract() -> None:
-    assert list(TABLES) == ["runs", "trace", "eigs", "extremes", "density", "ritz"]
+    assert list(TABLES) == ["runs", "trace", "eigs", "extremes", "density", "ritz", "landscape"]
     assert TABLES["runs"].names == [f.name for f in dataclasses.fields(RunInfo)]
     expected = {
         "trace": ["param_group", "estimate", "stderr", "ci_low", "ci_high", "n_probes", "method", "converged"],
@@ -125,6 +134,8 @@ def test_table_columns_match_the_contract() -> None:
                      "residual_min", "converged"],
         "density": ["grid", "density", "sigma"],
         "ritz": ["run", "index", "node", "weight", "alpha", "beta"],
+        "landscape": ["direction_kind", "normalize", "direction", "alpha", "beta", "loss", "accuracy",
+                      "center_loss", "eigenvalue_1", "eigenvalue_2", "n_forward"],
     }
     for name, cols in expected.items():
         assert TABLES[name].names == KEY + cols, name
@@ -178,7 +189,7 @@ def test_failed_outcome_has_only_a_runs_row() -> None:
 def test_round_trip_every_table_through_pandas(tmp_path: Path) -> None:
     out = tmp_path / "res"
     written = write_outcomes(out, all_outcomes())
-    assert [p.parent.name for p in written] == ["trace", "eigs", "extremes", "density", "ritz", "runs"]
+    assert [p.parent.name for p in written] == ["trace", "eigs", "extremes", "density", "ritz", "landscape", "runs"]
     for p in written:
         assert p.name.startswith("part-") and p.suffix == ".parquet"
         assert pq.read_schema(p).remove_metadata() == TABLES[p.parent.name]
@@ -190,7 +201,7 @@ def test_round_trip_every_table_through_pandas(tmp_path: Path) -> None:
         assert (df["step"] == 100).all() and (df["checkpoint"] == "exp/ckpt_000100.pt").all()
 
     runs = pd.read_parquet(out / "runs")
-    assert runs["analysis"].tolist() == ["trace", "eigs", "extremes", "density"]
+    assert runs["analysis"].tolist() == ["trace", "eigs", "extremes", "density", "landscape"]
     first = runs.iloc[0]
     expected = dataclasses.asdict(all_outcomes()[0].run)
     for col, value in expected.items():
@@ -238,17 +249,17 @@ def test_several_calls_append_part_files(tmp_path: Path) -> None:
     for name in TABLES:
         assert len(part_files(tmp_path, name)) == 3, name
     runs = pd.read_parquet(tmp_path / "runs")
-    assert len(runs) == 12 and runs["run_id"].nunique() == 12
+    assert len(runs) == 15 and runs["run_id"].nunique() == 15
     assert len(pd.read_parquet(tmp_path / "eigs")) == 9
     assert len(pd.read_parquet(tmp_path / "density")) == 150
     assert len(read_table(tmp_path, "ritz")) == 24
     # Parts come back in write order.
-    assert read_table(tmp_path, "runs")["run_id"].str[:5].tolist() == ["call0"] * 4 + ["call1"] * 4 + ["call2"] * 4
+    assert read_table(tmp_path, "runs")["run_id"].str[:5].tolist() == ["call0"] * 5 + ["call1"] * 5 + ["call2"] * 5
 
 
 def test_one_call_with_many_outcomes_writes_one_part_per_table(tmp_path: Path) -> None:
     written = write_outcomes(tmp_path, all_outcomes("a") + all_outcomes("b", step=200))
-    assert len(written) == 6
+    assert len(written) == 7
     assert sorted(read_table(tmp_path, "extremes")["step"].tolist()) == [100, 200]
 
 
@@ -291,7 +302,7 @@ def test_runs_is_written_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(parquet.os, "replace", spy)
     write_outcomes(tmp_path, all_outcomes())
-    assert order[-1] == "runs" and sorted(order[:-1]) == ["density", "eigs", "extremes", "ritz", "trace"]
+    assert order[-1] == "runs" and sorted(order[:-1]) == ["density", "eigs", "extremes", "landscape", "ritz", "trace"]
 
 
 # ----------------------------------------------------------------------------- atomicity
@@ -389,7 +400,7 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         p.join(timeout=180)
         assert p.exitcode == 0
     runs = read_table(tmp_path, "runs")
-    assert len(runs) == n_shards * n_calls * 5 and runs["run_id"].is_unique
+    assert len(runs) == n_shards * n_calls * 6 and runs["run_id"].is_unique
     assert (runs["status"] == "failed").sum() == n_shards * n_calls
     assert len(pd.read_parquet(tmp_path / "eigs")) == n_shards * n_calls * 3
     assert len(pd.read_parquet(tmp_path / "density")) == n_shards * n_calls * 50
@@ -556,7 +567,7 @@ def test_render_scan_summary_accepts_a_mapping_and_checkpoint_filter() -> None:
     frames = outcomes_to_frames(all_outcomes("a", step=10, checkpoint="a.pt") + all_outcomes("b", step=20, checkpoint="b.pt"))
     text = _text(render_scan_summary, frames, checkpoints={"b.pt"})
     assert "b.pt" in text and "a.pt" not in text
-    assert "120.25 ± 3.5" in text and "31.5" in text and "-2.125" in text and "1 checkpoint · 4 runs" in text
+    assert "120.25 ± 3.5" in text and "31.5" in text and "-2.125" in text and "1 checkpoint · 5 runs" in text
 
 
 def test_render_scan_summary_falls_back_to_eigs_and_handles_empty() -> None:

@@ -41,7 +41,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,7 +87,7 @@ CHUNK_BYTES = 1 << 30
 halve the chunk and retry it."""
 
 Reduce = Callable[[Tensor], Tensor]
-ParamsLike = Union[Mapping[str, Tensor], Sequence[Tensor], Sequence[Sequence[int]]]
+ParamsLike = Mapping[str, Tensor] | Sequence[Tensor] | Sequence[Sequence[int]]
 
 _IGNORE_ALIASES = {"biasbn": "bias-bn", "bias_bn": "bias-bn"}
 

@@ -127,6 +127,8 @@ class Landscape(Analysis):
 
     def run(self, backend: Backend, problem: Problem, options: LandscapeOptions, generator: torch.Generator,
             shared: SharedRuns | None = None) -> LandscapeResult:
+        import torch
+
         from hesscli.algorithms.landscape import evaluate_grid, grid, random_directions
 
         on_matvecs = getattr(backend, "on_matvecs", None)
@@ -134,8 +136,8 @@ class Landscape(Analysis):
             directions, eigenvalues, n_hvp = self._eigenvectors(backend, problem, options, generator)
             normalize = "none"
         else:
-            directions = random_directions(problem.params, options.dims, generator, normalize=options.normalize,
-                                           ignore=options.ignore)
+            directions = torch.stack(random_directions(problem.params, options.dims, generator,
+                                                       normalize=options.normalize, ignore=options.ignore))
             eigenvalues, n_hvp, normalize = None, 0, options.normalize
         alphas, betas = grid(options.span, options.steps, options.dims)
 

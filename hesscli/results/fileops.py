@@ -17,12 +17,16 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from hesscli.errors import InputError
 
 __all__ = [
+    "write_synced",
+    "atomic_write",
+    "fsync_dir",
     "FAULT_ENV",
     "fault_point",
     "path_text",
@@ -208,3 +212,49 @@ def check_destination(out: Path) -> None:
                 probe.unlink()
             except OSError:
                 pass
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort; not every platform can open a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_synced(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file through ``write(fh)`` and flush it to disk; on any failure nothing is left.
+
+    Every file hesscli writes goes through here: Parquet parts (under a hidden name, renamed
+    when their transaction is complete) and, through :func:`atomic_write`, saved vectors.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` so that readers see the old file or the whole new one, never a part:
+    a hidden temporary file in the same folder, flushed, then renamed over ``path``."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    write_synced(tmp, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path

@@ -298,7 +298,7 @@ def plot_landscape_2d(df: pd.DataFrame, runs: pd.DataFrame | None, path: Path | 
             lo, hi = float(finite.min()), float(finite.max())
             if lo > 0 and hi / lo > _LOG_RATIO:
                 levels = np.geomspace(lo, hi, 22)
-                norm = mpl.colors.LogNorm(vmin=lo, vmax=hi)
+                norm: Any = mpl.colors.LogNorm(vmin=lo, vmax=hi)
             else:
                 levels = np.linspace(lo, hi if hi > lo else lo + 1e-12, 22)
                 norm = mpl.colors.Normalize(vmin=levels[0], vmax=levels[-1])

@@ -39,7 +39,16 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from hesscli.errors import InputError
-from hesscli.results.fileops import check_destination, fault_point, owner_is_dead, owner_record, path_text, read_owner
+from hesscli.results.fileops import (
+    check_destination,
+    fault_point,
+    fsync_dir,
+    owner_is_dead,
+    owner_record,
+    path_text,
+    read_owner,
+    write_synced,
+)
 from hesscli.results.records import Outcome
 from hesscli.results.tables import ANALYSIS_TABLES, TABLES, collect_rows, empty_frame, table_to_frame
 
@@ -58,20 +67,6 @@ STALE_AFTER = 600.0
 (writing the parts of one run takes well under a second)."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (best effort; not every platform can open a directory)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _final_name(txid: str) -> str:
     return f"part-{txid}.parquet"
 
@@ -82,17 +77,7 @@ def _tmp_name(txid: str) -> str:
 
 def _write_tmp(folder: Path, txid: str, table: pa.Table) -> Path:
     fault_point(f"write {folder.name} part")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / _tmp_name(txid)
-    try:
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
+    return write_synced(folder / _tmp_name(txid), lambda fh: pq.write_table(table, fh))
 
 
 def write_outcomes(out: Path, outcomes: Sequence[Outcome]) -> list[Path]:
@@ -142,7 +127,7 @@ def write_outcomes(out: Path, outcomes: Sequence[Outcome]) -> list[Path]:
             tmps[name] = _write_tmp(out / name, txid, table)
         fault_point("journal commit")
         os.rename(prepare, commit)  # the commit point
-        _fsync_dir(journal)
+        fsync_dir(journal)
         committed = True
     except OSError as e:
         _discard(tmps.values(), prepare)
@@ -159,7 +144,7 @@ def write_outcomes(out: Path, outcomes: Sequence[Outcome]) -> list[Path]:
     # if this process stops here.
     written = [_publish(out / name, txid) for name in tables]
     for folder in {p.parent for p in written}:
-        _fsync_dir(folder)
+        fsync_dir(folder)
     fault_point("journal done")
     commit.unlink(missing_ok=True)
     _remove_if_empty(journal)

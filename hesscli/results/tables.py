@@ -7,7 +7,7 @@ the analysis tables hold the numbers of the ok runs.
 
 Example:
     >>> sorted(TABLES)
-    ['density', 'eigs', 'extremes', 'ritz', 'runs', 'trace']
+    ['density', 'eigs', 'extremes', 'landscape', 'ritz', 'runs', 'trace']
     >>> TABLES["eigs"].names
     ['run_id', 'checkpoint', 'step', 'rank', 'which', 'eigenvalue', 'residual', 'converged', 'error_bound', 'at_floor']
 """
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import pyarrow as pa
 import torch
 
 from hesscli.errors import InputError
+from hesscli.results.fileops import atomic_write
 from hesscli.results.plugins import PLUGINS
 from hesscli.results.records import Outcome, RunInfo
 
@@ -293,24 +292,13 @@ def save_eigenvectors(out_dir: Path, outcome: Outcome) -> Path:
     if hasattr(result, "directions"):  # a landscape: its directions as rows, and how they were made
         payload.update(directions=result.directions.detach().to("cpu").contiguous(),
                        direction_kind=result.direction_kind, normalize=result.normalize)
-    folder = Path(out_dir) / "vectors"
-    path = folder / f"{run.run_id}.pt"
-    tmp = folder / f".{run.run_id}.{uuid.uuid4().hex}.pt.tmp"
+    path = Path(out_dir) / "vectors" / f"{run.run_id}.pt"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: torch.save(payload, fh))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise InputError(
             f"--out {out_dir}: cannot write {path} ({e.strerror or e}); choose a writable directory"
         ) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     logger.debug("saved %d eigenvectors of run %s to %s", vectors.shape[-1], run.run_id, path)
     return path
 

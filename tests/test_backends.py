@@ -450,15 +450,15 @@ def _counting(problem: Problem) -> _CountingLoss:
 @pytest.mark.parametrize("curvature", CURVATURES)
 def test_eigenthings_counts_every_product(curvature: str) -> None:
     seen: list[int] = []
-    backend = get_backend("eigenthings", on_matvecs=seen.append)
     settings = _settings("eigenthings", curvature, {"method": "hutchinson", "probes": 5, "top_k": 2,
                                                      "iters": 4, "runs": 2})
+    backend = get_backend(settings.engine, on_matvecs=seen.append)
     for analysis, expected in (("trace", 5), ("eigs", None), ("extremes", None), ("density", 8)):
         problem = mlp_ce(batch_size=10)  # batches of 10, 10 and 3
         counter = _counting(problem)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            r = getattr(backend, analysis)(problem, settings, torch.Generator().manual_seed(0))
+            r = getattr(backend, analysis)(problem, settings.options(analysis), torch.Generator().manual_seed(0))
         assert r.n_hvp > 0 and counter.calls == 3 * r.n_hvp  # one pass over the 3 batches per product
         assert seen[-1] == r.n_hvp
         if expected is not None:
@@ -469,16 +469,17 @@ def test_eigenthings_counts_every_product(curvature: str) -> None:
 
 def test_pyhessian_counts_every_product() -> None:
     seen: list[int] = []
-    backend = get_backend("pyhessian", on_matvecs=seen.append)
     settings = _settings("pyhessian", "hessian", {"method": "hutchinson", "probes": 6, "trace_tol": 1e-12,
                                                    "top_k": 2, "max_iter": 5, "iters": 4, "runs": 2})
+    backend = get_backend(settings.engine, on_matvecs=seen.append)
     for batch_size, passes in ((10, 3), (1000, 0)):
         for analysis in ("trace", "eigs", "density"):
             problem = mlp_ce(batch_size=batch_size)
             counter = _counting(problem)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                r = getattr(backend, analysis)(problem, settings, torch.Generator().manual_seed(0))
+                r = getattr(backend, analysis)(problem, settings.options(analysis),
+                                               torch.Generator().manual_seed(0))
             assert seen[-1] == r.n_hvp
             if passes:  # dataloader mode: every product is a pass over the 3 batches
                 assert counter.calls == passes * r.n_hvp
@@ -495,9 +496,9 @@ def test_pyhessian_counts_every_product() -> None:
 def test_backpack_makes_no_products() -> None:
     seen: list[int] = []
     problem = mlp_ce(batch_size=10)
-    r = get_backend("backpack", on_matvecs=seen.append).trace(problem, _settings("backpack", "hessian",
-                                                                                  {"method": "exact"}),
-                                                              torch.Generator().manual_seed(0))
+    settings = _settings("backpack", "hessian", {"method": "exact"})
+    r = get_backend(settings.engine, on_matvecs=seen.append).trace(problem, settings.options("trace"),
+                                                                   torch.Generator().manual_seed(0))
     assert r.n_hvp == 0 and r.n_probes == problem.n_params
     assert seen == [1, 2, 3]  # one extended backward pass per batch
 
@@ -517,14 +518,15 @@ def test_eigenthings_ragged_batches_are_weighted_exactly(curvature: str) -> None
         naive = he.HessianOperator(problem.model, problem.data.batches, lambda m, b: fn(m(b[0]), b[1]))
     else:
         naive = he.GGNOperator(problem.model, problem.data.batches, lambda m, b: m(b[0]), lambda o, b: fn(o, b[1]))
-    backend = get_backend("eigenthings")
-    ours, _ = backend.operator(problem, _settings("eigenthings", curvature, {}))
+    backend = get_backend(_settings("eigenthings", curvature, {}).engine)
+    ours, _ = backend.operator(problem)
     eye = torch.eye(exact.shape[0], dtype=torch.float64)
     dense_naive = torch.stack([naive.matvec(e) for e in eye], dim=1).detach()
     dense_ours = torch.stack([ours.matvec(e) for e in eye], dim=1)
     assert (dense_naive - exact).norm() > 1e-2 * exact.norm()  # the bias is real on this split
     assert torch.allclose(dense_ours, exact, rtol=1e-10, atol=1e-12)
-    r = backend.eigs(problem, _settings("eigenthings", curvature, {"top_k": 3}), torch.Generator().manual_seed(0))
+    r = backend.eigs(problem, _settings("eigenthings", curvature, {"top_k": 3}).options("eigs"),
+                     torch.Generator().manual_seed(0))
     assert r.eigenvalues == pytest.approx(torch.linalg.eigvalsh(exact).flip(0)[:3].tolist(), abs=1e-10)
 
 
@@ -546,8 +548,8 @@ def test_pyhessian_density_needs_and_gets_the_eig_shim() -> None:
     T = seen[0]
     assert torch.allclose(torch.linalg.eigvalsh(T), torch.tensor(sorted(nodes[0]), dtype=torch.float64))
     # and through the backend: the full SLQ result against the exact spectrum
-    r = get_backend("pyhessian").density(problem, _settings("pyhessian", "hessian", {"iters": 5, "runs": 4}),
-                                         torch.Generator().manual_seed(0))
+    settings = _settings("pyhessian", "hessian", {"iters": 5, "runs": 4})
+    r = get_backend(settings.engine).density(problem, settings.options("density"), torch.Generator().manual_seed(0))
     true = torch.linalg.eigvalsh(exact_hessian(problem))
     for nodes_run in r.nodes:  # 5 steps on 5 parameters: every run finds the whole spectrum
         assert torch.allclose(nodes_run.sort().values, true, rtol=1e-10)
@@ -575,8 +577,8 @@ def test_pyhessian_trace_does_not_stop_early_on_a_negative_trace() -> None:
     torch.manual_seed(0)
     upstream = pyhessian.hessian(_copy_model(problem), problem.loss.fn, dataloader=problem.data.batches, cuda=False)
     assert len(upstream.trace(maxIter=100, tol=1e-3)) == 2  # the released stopping test gives up at once
-    r = get_backend("pyhessian").trace(problem, _settings("pyhessian", "hessian", {"method": "hutchinson"}),
-                                       torch.Generator().manual_seed(0))
+    settings = _settings("pyhessian", "hessian", {"method": "hutchinson"})
+    r = get_backend(settings.engine).trace(problem, settings.options("trace"), torch.Generator().manual_seed(0))
     assert r.n_probes > 2 and r.estimate < 0
     assert abs(r.estimate - exact) <= 4 * r.stderr
 
@@ -586,8 +588,8 @@ def test_pyhessian_normalisation_is_exact_at_small_curvature() -> None:
     fn = problem.loss.fn
     problem.loss = type(problem.loss)("tiny", lambda o, t: 1e-4 * fn(o, t))  # eigenvalues around 1e-4
     true = torch.linalg.eigvalsh(exact_hessian(problem))
-    r = get_backend("pyhessian").density(problem, _settings("pyhessian", "hessian", {"iters": 5, "runs": 1}),
-                                         torch.Generator().manual_seed(0))
+    settings = _settings("pyhessian", "hessian", {"iters": 5, "runs": 1})
+    r = get_backend(settings.engine).density(problem, settings.options("density"), torch.Generator().manual_seed(0))
     assert torch.allclose(r.nodes[0].sort().values, true, rtol=1e-9)  # PyHessian's ||v|| + 1e-6 was 6% off
 
 
@@ -638,23 +640,23 @@ def test_distributed_runs_are_refused(backend: str) -> None:
 
 
 def test_backpack_refusals_name_the_problem() -> None:
-    backend = get_backend("backpack")
     settings = _settings("backpack", "hessian", {"method": "exact"})
+    backend = get_backend(settings.engine)
     problem = mlp_ce(batch_size=BATCH)
     problem.loss = type(problem.loss)("huber", problem.loss.fn)
     with pytest.raises(UnsupportedAnalysis, match="cannot use --loss huber; it supports: cross_entropy, mse, "
                                                   "bce_with_logits"):
-        backend.trace(problem, settings, torch.Generator())
+        backend.trace(problem, settings.options("trace"), torch.Generator())
     problem = mlp_ce(batch_size=BATCH)
     problem.loss = type(problem.loss)("cross_entropy", lambda o, t: 2 * _plain_ce(o, t))
     with pytest.raises(UnsupportedAnalysis, match="CrossEntropyLoss gives .* but --loss cross_entropy gives"):
-        backend.trace(problem, settings, torch.Generator())
+        backend.trace(problem, settings.options("trace"), torch.Generator())
     torch.manual_seed(0)
     act = nn.Tanh()
     reused = make_problem(nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 2)), CE,
                           torch.randn(9, 3), torch.randint(0, 2, (9,)))
     with pytest.raises(UnsupportedAnalysis, match="layer '3' is the same module as '1'"):
-        backend.trace(reused, settings, torch.Generator())
+        backend.trace(reused, settings.options("trace"), torch.Generator())
     with pytest.raises(UnsupportedAnalysis, match="cannot run 'eigs'; it supports: trace"):
         analyse(problem, "eigs", _settings("backpack", "hessian", {}))
 
@@ -682,7 +684,7 @@ def test_backpack_converts_custom_containers(curvature: str) -> None:
     y = torch.randint(0, 3, (13,), generator=torch.Generator().manual_seed(15))
     problem = make_problem(_Blocks(), CE, x, y, batch_size=5)
     exact = exact_hessian(problem) if curvature == "hessian" else exact_ggn(problem)
-    r = get_backend("backpack").trace(problem, _settings("backpack", curvature, {"method": "exact"}),
-                                      torch.Generator())
+    settings = _settings("backpack", curvature, {"method": "exact"})
+    r = get_backend(settings.engine).trace(problem, settings.options("trace"), torch.Generator())
     assert r.estimate == pytest.approx(float(torch.trace(exact)), rel=1e-10)
     assert [g.name for g in r.groups] == list(problem.params)

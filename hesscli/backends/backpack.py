@@ -25,28 +25,28 @@ is never modified.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import logging
 import re
 import warnings
-from types import ModuleType
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from hesscli.backends.base import Capabilities
-from hesscli.config import Settings
-from hesscli.errors import BackendUnavailable, InputError, UnsupportedAnalysis
+from hesscli.backends.peer import PeerBackend
+from hesscli.errors import UnsupportedAnalysis
 from hesscli.loading.problem import Problem
-from hesscli.results.records import DensityResult, EigsResult, ExtremesResult, GroupTrace, TraceResult
+from hesscli.results.records import GroupTrace, TraceResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hesscli.analyses.trace import TraceOptions
 
 __all__ = ["BackpackBackend", "LOSS_MODULES"]
 
 logger = logging.getLogger(__name__)
-
-INSTALL_HINT = "backend 'backpack' needs: pip install 'hesscli[backpack]'"
 
 LOSS_MODULES: dict[str, Callable[[], nn.Module]] = {
     "cross_entropy": nn.CrossEntropyLoss,
@@ -62,63 +62,33 @@ _LIBRARY_ERRORS = (NotImplementedError, AssertionError, ValueError)
 """What BackPACK raises for an unsupported layer, loss setting or graph."""
 
 
-def _import_backpack() -> ModuleType:
-    """Return the ``backpack`` package, or raise :class:`BackendUnavailable`."""
-    try:
-        return importlib.import_module("backpack")
-    except ImportError as e:
-        raise BackendUnavailable(INSTALL_HINT) from e
-
-
-def _unsupported(what: str) -> UnsupportedAnalysis:
-    return UnsupportedAnalysis(f"--backend backpack cannot run '{what}'; it supports: trace (--method exact)")
-
-
-class BackpackBackend:
+class BackpackBackend(PeerBackend):
     """Exact Hessian or GGN trace from BackPACK's diagonal extensions.
 
-    Args:
-        reduce: All-reduce under torch.distributed; not supported (anything but ``None``
-            is refused).
-        on_matvecs: Progress callback; called with the number of batches done (BackPACK
-            makes no products, one extended backward pass per batch).
-
-    Raises:
-        BackendUnavailable: ``backpack-for-pytorch`` is not installed.
-        UnsupportedAnalysis: ``reduce`` is given (torch.distributed run).
+    BackPACK is exact but only for supported layers: every operation must be a torch.nn
+    module with a BackPACK extension (``DiagHessian`` has none for BatchNorm; use
+    ``--curvature ggn``). It computes the diagonal, so only ``trace --method exact`` is
+    available (with per-parameter traces). ``on_matvecs`` receives the number of batches
+    done (BackPACK makes no products, one extended backward pass per batch).
     """
 
     name = "backpack"
+    library = "backpack"
     capabilities = Capabilities(
         analyses={"trace": ("exact",)},
         curvatures=("hessian", "ggn"),
         whiches=(),
-        notes=(
-            "BackPACK is exact but only for supported layers: every operation must be a torch.nn module "
-            "with a BackPACK extension (DiagHessian has none for BatchNorm; use --curvature ggn)",
-            "BackPACK computes the diagonal, so only 'trace --method exact' is available (with "
-            "per-parameter traces); no eigenvalues or density",
-            "losses: cross_entropy, mse, bce_with_logits",
-        ),
     )
-
-    def __init__(self, reduce: Callable[[Tensor], Tensor] | None = None,
-                 on_matvecs: Callable[[int], None] | None = None) -> None:
-        if reduce is not None:
-            raise UnsupportedAnalysis(
-                "--backend backpack cannot run under torch.distributed; use --backend native"
-            )
-        self._bp = _import_backpack()
-        self.on_matvecs = on_matvecs
 
     # ----------------------------------------------------------------- analyses
 
-    def trace(self, problem: Problem, settings: Settings, generator: torch.Generator) -> TraceResult:
+    def trace(self, problem: Problem, options: TraceOptions, generator: torch.Generator) -> TraceResult:
         """Exact trace: the sum of BackPACK's Hessian (or GGN) diagonal over the selected parameters.
 
         Batch ``b``'s diagonal (of its batch-mean loss) is weighted by ``n_b / N`` and
         accumulated in float64, so the result is the diagonal of the dataset-mean loss
-        whatever the batch size. ``generator`` is unused (nothing is random).
+        whatever the batch size. ``options`` and ``generator`` are unused (the method is
+        ``exact``; nothing is random).
 
         Returns:
             :class:`TraceResult` with ``method="exact"``, ``stderr=0``, ``n_probes`` = the
@@ -126,14 +96,10 @@ class BackpackBackend:
             parameter tensor).
 
         Raises:
-            UnsupportedAnalysis: A method other than ``exact``, a loss, layer or model
-                structure BackPACK cannot handle (the message names it and what to use).
+            UnsupportedAnalysis: A loss, layer or model structure BackPACK cannot handle (the
+                message names it and what to use).
         """
-        if settings.method != "exact":
-            raise UnsupportedAnalysis(
-                f"--backend backpack has no trace --method {settings.method}; it supports: exact"
-            )
-        diagonal = self.diagonal(problem, settings.curvature)
+        diagonal = self.diagonal(problem)
         sums = {name: float(d.sum()) for name, d in diagonal.items()}
         total = sum(sums.values())
         groups: tuple[GroupTrace, ...] = ()
@@ -142,14 +108,11 @@ class BackpackBackend:
         return TraceResult(estimate=total, stderr=0.0, ci_low=total, ci_high=total, n_probes=problem.n_params,
                            method="exact", n_hvp=0, groups=groups)
 
-    def diagonal(self, problem: Problem, curvature: str = "hessian") -> dict[str, Tensor]:
-        """The exact curvature diagonal of the dataset-mean loss, per selected parameter.
+    def diagonal(self, problem: Problem) -> dict[str, Tensor]:
+        """The exact curvature diagonal (``engine.curvature``) of the dataset-mean loss, per selected parameter.
 
-        One forward and one extended backward pass per batch on a deep copy of the model.
-
-        Args:
-            problem: The loaded problem.
-            curvature: ``hessian`` (``DiagHessian``) or ``ggn`` (``DiagGGNExact``).
+        One forward and one extended backward pass per batch on a private copy of the model:
+        ``hessian`` uses ``DiagHessian``, ``ggn`` ``DiagGGNExact``.
 
         Returns:
             ``name -> float64 tensor`` shaped like the parameter, in ``problem.params`` order.
@@ -157,33 +120,22 @@ class BackpackBackend:
         Raises:
             UnsupportedAnalysis: See :meth:`trace`.
         """
-        if curvature not in _EXTENSIONS:
-            raise UnsupportedAnalysis(
-                f"--backend backpack cannot use --curvature {curvature}; it supports: hessian, ggn"
-            )
-        bp = self._bp
+        bp = self.lib
+        curvature = self.engine.curvature
         extensions = importlib.import_module("backpack.extensions")
         ext_name, savefield = _EXTENSIONS[curvature]
         extension = getattr(extensions, ext_name)()
         loss_module = self._loss_module(problem)
-        batches = problem.data.batches
-        if not batches:
-            raise InputError("--data: the dataset has no batches; nothing to analyse")
+        batches = self.batches(problem)
         if isinstance(problem.model, torch.jit.ScriptModule):
             raise UnsupportedAnalysis(
                 "--backend backpack cannot extend a TorchScript model (it hooks torch.nn modules); "
                 "load the model from a state_dict with --model, or use --backend native"
             )
 
-        model = copy.deepcopy(problem.model)
+        model = self.private_model(problem)
         selected = set(problem.params)
-        by_id: dict[int, str] = {}
-        for name, p in model.named_parameters():
-            p.grad = None
-            if name in selected:
-                by_id[id(p)] = name
-            else:
-                p.requires_grad_(False)
+        by_id = {id(p): name for name, p in model.named_parameters() if name in selected}
         _check_shared(model)
         model = self._prepare(model, extension, ext_name, curvature)
         bp.extend(loss_module)
@@ -191,6 +143,7 @@ class BackpackBackend:
         n_total = problem.data.n_total
         out: dict[str, Tensor] = {}
         params = [p for p in model.parameters() if id(p) in by_id]
+        passes = self.counter()
         with warnings.catch_warnings(), torch.enable_grad():
             # BackPACK's full backward hooks fire on modules whose inputs need no gradient.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -220,8 +173,7 @@ class BackpackBackend:
                     out[name] = out.get(name, 0) + w * d.detach().to(torch.float64)
                     delattr(p, savefield)
                     p.grad = None
-                if self.on_matvecs is not None:
-                    self.on_matvecs(i + 1)
+                passes.add()
         logger.debug("BackPACK %s: %d extended backward passes", ext_name, len(batches))
         missing = [n for n in problem.params if n not in out]
         if missing:
@@ -229,30 +181,6 @@ class BackpackBackend:
                 f"--backend backpack: no {ext_name} for parameter(s) {', '.join(missing)}; use --backend native"
             )
         return {name: out[name] for name in problem.params}
-
-    def eigs(self, problem: Problem, settings: Settings, generator: torch.Generator) -> EigsResult:
-        """Not available: BackPACK computes diagonals, not eigenvalues.
-
-        Raises:
-            UnsupportedAnalysis: always.
-        """
-        raise _unsupported("eigs")
-
-    def extremes(self, problem: Problem, settings: Settings, generator: torch.Generator) -> ExtremesResult:
-        """Not available: BackPACK computes diagonals, not eigenvalues.
-
-        Raises:
-            UnsupportedAnalysis: always.
-        """
-        raise _unsupported("extremes")
-
-    def density(self, problem: Problem, settings: Settings, generator: torch.Generator) -> DensityResult:
-        """Not available: BackPACK computes diagonals, not spectra.
-
-        Raises:
-            UnsupportedAnalysis: always.
-        """
-        raise _unsupported("density")
 
     # ----------------------------------------------------------------- checks
 
@@ -267,7 +195,7 @@ class BackpackBackend:
 
     def _prepare(self, model: nn.Module, extension: Any, ext_name: str, curvature: str) -> nn.Module:
         """Check layer support and the graph, convert custom containers, and ``extend`` the copy."""
-        bp = self._bp
+        bp = self.lib
         from backpack.utils.module_classification import is_no_op
 
         supported = _module_classes(extension)

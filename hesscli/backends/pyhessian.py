@@ -29,29 +29,30 @@ smaller positive one.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import importlib
 import logging
 import warnings
-from types import ModuleType
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from hesscli.algorithms.lanczos import residual_flags
 from hesscli.backends.base import Capabilities
-from hesscli.config import Settings
-from hesscli.errors import BackendUnavailable, ConvergenceWarning, InputError, UnsupportedAnalysis
+from hesscli.backends.peer import Counter, PeerBackend, measured_residuals, patched, seed_from
+from hesscli.errors import ConvergenceWarning, UnsupportedAnalysis
 from hesscli.loading.problem import Problem
-from hesscli.results.records import DensityResult, EigsResult, ExtremesResult, GroupTrace, TraceResult
+from hesscli.results.records import DensityResult, EigsResult, GroupTrace, TraceResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hesscli.analyses.density import DensityOptions
+    from hesscli.analyses.eigs import EigsOptions
+    from hesscli.analyses.trace import TraceOptions
 
 __all__ = ["PyHessianBackend", "torch_eig_shim"]
 
 logger = logging.getLogger(__name__)
-
-INSTALL_HINT = "backend 'pyhessian' needs: pip install 'hesscli[pyhessian]'"
 
 DEFAULT_TOL = 1e-3
 """PyHessian's own default tolerance for ``trace()`` and ``eigenvalues()``."""
@@ -60,15 +61,6 @@ DEFAULT_MAX_ITER = 100
 """PyHessian's own default number of power iterations per eigenvalue."""
 
 _SEED_BOUND = 2**62
-
-
-def _import_pyhessian() -> ModuleType:
-    """Return the ``pyhessian.hessian`` module, or raise :class:`BackendUnavailable`."""
-    try:  # the package re-exports the class ``hessian`` under the submodule's name
-        module = importlib.import_module("pyhessian.hessian")
-    except ImportError as e:
-        raise BackendUnavailable(INSTALL_HINT) from e
-    return module
 
 
 # --------------------------------------------------------------------------- compatibility
@@ -97,8 +89,6 @@ def torch_eig_shim() -> Iterator[list[Tensor]]:
         ([1.0, 3.0], 1)
     """
     captured: list[Tensor] = []
-    missing = object()
-    previous = getattr(torch, "eig", missing)
 
     def eig(input: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Tensor]:
         matrix = input.detach().to(torch.float64)
@@ -109,18 +99,12 @@ def torch_eig_shim() -> Iterator[list[Tensor]]:
             evecs = evecs.new_empty(0)
         return values, evecs
 
-    torch.eig = eig  # type: ignore[attr-defined]
-    try:
+    with patched(torch, "eig", eig):
         yield captured
-    finally:
-        if previous is missing:
-            del torch.eig  # type: ignore[attr-defined]
-        else:
-            torch.eig = previous  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
-def _exact_normalization(module: ModuleType) -> Iterator[None]:
+def _exact_normalization(module: Any) -> Iterator[None]:
     """Normalise vectors by their norm, not PyHessian's ``norm + 1e-6``.
 
     PyHessian's ``normalization`` divides by ``||v|| + 1e-6``, so its Lanczos and power
@@ -128,19 +112,16 @@ def _exact_normalization(module: ModuleType) -> Iterator[None]:
     are biased by that much, which is 6% when the curvature is around 1e-4. The exact
     version keeps the guard against a zero vector.
     """
-    utils = importlib.import_module("pyhessian.utils")
+    utils: Any = importlib.import_module("pyhessian.utils")
     group_product = utils.group_product
 
     def normalization(v: list[Tensor]) -> list[Tensor]:
         norm = float(group_product(v, v)) ** 0.5
         return [x / norm for x in v] if norm > 0 else list(v)
 
-    originals = (utils.normalization, module.normalization)
-    utils.normalization = module.normalization = normalization  # orthnormal() looks it up in utils
-    try:
+    # orthnormal() looks it up in utils
+    with patched(utils, "normalization", normalization), patched(module, "normalization", normalization):
         yield
-    finally:
-        utils.normalization, module.normalization = originals
 
 
 @contextlib.contextmanager
@@ -161,7 +142,7 @@ def _seeded(generator: torch.Generator, device: torch.device) -> Iterator[None]:
     The global CPU (and, on CUDA, the device's) RNG state is restored on exit, so the
     user's random streams are untouched.
     """
-    seed = int(torch.randint(0, _SEED_BOUND, (1,), generator=generator))
+    seed = seed_from(generator, _SEED_BOUND)
     devices = []
     if device.type == "cuda":
         devices = [device.index if device.index is not None else torch.cuda.current_device()]
@@ -191,8 +172,8 @@ class _LossModule(nn.Module):
         return self.fn(outputs, targets)
 
 
-@functools.lru_cache(maxsize=None)
-def _engine_class(module: ModuleType) -> type:
+@functools.cache
+def _engine_class(module: Any) -> type:
     """The PyHessian ``hessian`` class extended with product counting and the fixed trace."""
     group_product = module.group_product
 
@@ -200,15 +181,16 @@ def _engine_class(module: ModuleType) -> type:
         """``pyhessian.hessian`` that counts products and stops ``trace()`` correctly.
 
         Products over a dataloader go through :meth:`dataloader_hv_product` (counted
-        here); single-batch products go through the module-level
+        here, on ``self.counter``); single-batch products go through the module-level
         ``hessian_vector_product``, counted by :func:`_counting_products`.
         """
 
-        n_hvp = 0
+        counter: Counter
 
         def dataloader_hv_product(self, v: list[Tensor]) -> tuple[float, list[Tensor]]:
-            self.n_hvp += 1
-            return super().dataloader_hv_product(v)
+            out = super().dataloader_hv_product(v)
+            self.counter.add()
+            return out
 
         def hv(self, v: list[Tensor]) -> list[Tensor]:
             """One Hessian-vector product on PyHessian's own product path."""
@@ -249,19 +231,10 @@ def _engine_class(module: ModuleType) -> type:
 
 
 @contextlib.contextmanager
-def _counting_products(module: ModuleType, engine: Any) -> Iterator[None]:
+def _counting_products(module: Any, counter: Counter) -> Iterator[None]:
     """Count the single-batch products, which PyHessian makes through a module-level function."""
-    original = module.hessian_vector_product
-
-    def counted(gradsH: Any, params: Any, v: Any) -> Any:  # noqa: N803
-        engine.n_hvp += 1
-        return original(gradsH, params, v)
-
-    module.hessian_vector_product = counted
-    try:
+    with patched(module, "hessian_vector_product", counter.counted(module.hessian_vector_product)):
         yield
-    finally:
-        module.hessian_vector_product = original
 
 
 def _flat(vectors: list[Tensor]) -> Tensor:
@@ -272,7 +245,7 @@ def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
     return [c.reshape(p.shape) for c, p in zip(flat.split([p.numel() for p in like]), like)]
 
 
-class PyHessianBackend:
+class PyHessianBackend(PeerBackend):
     """Hessian trace (Hutchinson), top-k eigenvalues (power iteration) and SLQ density via PyHessian.
 
     Products are PyHessian's double-backward HVPs over the whole dataset: a single batch
@@ -280,65 +253,35 @@ class PyHessianBackend:
     dataloader mode, which weights each batch by its size, so every product is exactly
     that of the dataset-mean loss. ``n_hvp`` counts them.
 
-    Args:
-        reduce: All-reduce of products under torch.distributed; PyHessian has no
-            distributed support, so anything but ``None`` is refused.
-        on_matvecs: Progress callback receiving the running product count.
-
-    Raises:
-        BackendUnavailable: ``pyhessian`` is not installed.
-        UnsupportedAnalysis: ``reduce`` is given (torch.distributed run).
+    PyHessian eigenvalues are the largest in *magnitude* (power iteration with deflation): a
+    dominant negative eigenvalue is returned among the ``largest``. PyHessian stops trace
+    and power iteration on the relative change of a running value (``trace --tol`` /
+    ``eigs --tol``, default 1e-3), not on an error target; residuals are measured afterwards.
     """
 
     name = "pyhessian"
+    library = "pyhessian.hessian"  # the package re-exports the class ``hessian`` under the submodule's name
     capabilities = Capabilities(
         analyses={"trace": ("hutchinson",), "eigs": ("power",), "density": ("slq",)},
         curvatures=("hessian",),
         whiches=("largest",),
-        notes=(
-            "PyHessian eigenvalues are the largest in magnitude (power iteration with deflation); "
-            "a dominant negative eigenvalue is returned among the 'largest'",
-            "PyHessian stops trace and power iteration on the relative change of a running value "
-            "(trace --tol / eigs --tol, default 1e-3), not on an error target; residuals are measured afterwards",
-            "PyHessian 0.1 needs two fixes, applied by hesscli: the trace stopping test (abs) and "
-            "torch.eig for density",
-        ),
     )
-
-    def __init__(self, reduce: Callable[[Tensor], Tensor] | None = None,
-                 on_matvecs: Callable[[int], None] | None = None) -> None:
-        if reduce is not None:
-            raise UnsupportedAnalysis(
-                "--backend pyhessian cannot run under torch.distributed (no data-parallel support); "
-                "use --backend native"
-            )
-        self._module = _import_pyhessian()
-        self.on_matvecs = on_matvecs
 
     # ----------------------------------------------------------------- plumbing
 
     @contextlib.contextmanager
     def _engine(self, problem: Problem, generator: torch.Generator) -> Iterator[Any]:
-        """A counting PyHessian ``hessian`` on a deep copy of the model, inside every context it needs."""
+        """A counting PyHessian ``hessian`` on a private copy of the model, inside every context it needs.
+
+        Its products are counted on ``engine.counter``.
+        """
         device = problem.device
         if device.type not in ("cpu", "cuda"):
             raise UnsupportedAnalysis(f"--backend pyhessian runs on cpu or cuda only, got --device {device}")
-        model = copy.deepcopy(problem.model)
-        selected = set(problem.params)
-        for name, p in model.named_parameters():
-            p.grad = None
-            if name not in selected:
-                p.requires_grad_(False)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if names != list(problem.params):  # same model order, so this only guards against surprises
-            raise UnsupportedAnalysis(
-                f"--backend pyhessian: the copied model's trainable parameters {names[:3]}... do not match the "
-                f"selected ones {list(problem.params)[:3]}...; use --backend native"
-            )
-        batches = problem.data.batches
-        if not batches:
-            raise InputError("--data: the dataset has no batches; nothing to analyse")
-        cls = _engine_class(self._module)
+        model = self.private_model(problem)
+        self.same_parameters([n for n, p in model.named_parameters() if p.requires_grad], problem)
+        batches = self.batches(problem)
+        cls = _engine_class(self.lib)
         criterion = _LossModule(problem.loss.fn)
         cuda = device.type == "cuda"
         with _on_device(device), _default_dtype(problem.dtype), torch.enable_grad(), _seeded(generator, device), \
@@ -350,27 +293,25 @@ class PyHessianBackend:
                 engine = cls(model, criterion, data=batches[0], cuda=cuda)
             else:
                 engine = cls(model, criterion, dataloader=batches, cuda=cuda)
-            engine.n_hvp = 0
+            engine.counter = self.counter()
             try:
-                with _counting_products(self._module, engine), _exact_normalization(self._module):
+                with _counting_products(self.lib, engine.counter), _exact_normalization(self.lib):
                     yield engine
             finally:
                 for p in model.parameters():  # break the graph cycle that backward(create_graph=True) left
                     p.grad = None
-                if self.on_matvecs is not None:
-                    self.on_matvecs(engine.n_hvp)
 
     # ----------------------------------------------------------------- analyses
 
-    def trace(self, problem: Problem, settings: Settings, generator: torch.Generator) -> TraceResult:
+    def trace(self, problem: Problem, options: TraceOptions, generator: torch.Generator) -> TraceResult:
         """Hutchinson trace with PyHessian's running-mean stop (fixed for negative traces).
 
-        ``settings.probes`` is PyHessian's ``maxIter`` and ``settings.trace_tol`` (``trace
-        --tol``, default 1e-3) its tolerance on the relative change of the running mean
-        between probes (PyHessian's rule, not hesscli's relative-stderr target). The
-        per-probe samples become an estimate, a standard error and a skewness-corrected
-        t 95% interval (:func:`~hesscli.algorithms.hutchinson.summarise`); per-parameter
-        traces come from the same probes.
+        ``options.probes`` is PyHessian's ``maxIter`` and ``options.tol`` (``trace --tol``,
+        default 1e-3) its tolerance on the relative change of the running mean between
+        probes (PyHessian's rule, not hesscli's relative-stderr target). The per-probe
+        samples become an estimate, a standard error and a skewness-corrected t 95% interval
+        (:func:`~hesscli.algorithms.hutchinson.summarise`); per-parameter traces come from the
+        same probes.
 
         Returns:
             :class:`TraceResult` with ``method="hutchinson"``; ``converged`` is False (with
@@ -379,20 +320,16 @@ class PyHessianBackend:
         """
         from hesscli.algorithms.hutchinson import summarise
 
-        if settings.method != "hutchinson":
-            raise UnsupportedAnalysis(
-                f"--backend pyhessian has no trace --method {settings.method}; it supports: hutchinson"
-            )
-        tol = settings.trace_tol if settings.trace_tol is not None else DEFAULT_TOL
+        tol = options.tol if options.tol is not None else DEFAULT_TOL
         with self._engine(problem, generator) as engine:
-            samples = engine.trace(maxIter=settings.probes, tol=tol, generator=generator)
-            n_hvp = engine.n_hvp
+            samples = engine.trace(maxIter=options.probes, tol=tol, generator=generator)
+            n_hvp = engine.counter.n
         per_param = torch.tensor(samples, dtype=torch.float64).T  # [groups, n]
         total = per_param.sum(0)
-        converged = len(samples) < settings.probes or _stopped(total, tol)
+        converged = len(samples) < options.probes or _stopped(total, tol)
         if not converged:
             warnings.warn(
-                f"PyHessian trace: the running mean still moved by more than tol={tol} after {settings.probes} "
+                f"PyHessian trace: the running mean still moved by more than tol={tol} after {options.probes} "
                 "probes; raise --probes",
                 ConvergenceWarning,
                 stacklevel=2,
@@ -404,11 +341,11 @@ class PyHessianBackend:
         return TraceResult(estimate=estimate, stderr=stderr, ci_low=lo, ci_high=hi, n_probes=len(samples),
                            method="hutchinson", n_hvp=n_hvp, groups=groups, converged=converged)
 
-    def eigs(self, problem: Problem, settings: Settings, generator: torch.Generator) -> EigsResult:
+    def eigs(self, problem: Problem, options: EigsOptions, generator: torch.Generator) -> EigsResult:
         """Top-k eigenvalues by PyHessian's power iteration with deflation.
 
-        ``settings.max_iter`` (default 100) is PyHessian's ``maxIter`` *per eigenvalue*
-        and ``settings.tol`` (default 1e-3) its tolerance on the relative change of the
+        ``options.max_iter`` (default 100) is PyHessian's ``maxIter`` *per eigenvalue* and
+        ``options.tol`` (default 1e-3) its tolerance on the relative change of the
         eigenvalue. PyHessian's values lag its vectors by one iteration, so one more product
         per returned (unit) vector gives its Rayleigh quotient (reported) and the residual
         ``||Hv - λv||``; flags and error bounds follow
@@ -419,93 +356,48 @@ class PyHessianBackend:
             labelled ``largest``; ``n_iter`` and ``n_hvp`` count every product.
 
         Raises:
-            UnsupportedAnalysis: ``--which smallest|both``.
             InputError: ``--top-k`` outside ``1..n_params``.
         """
-        if settings.which != "largest":
-            raise UnsupportedAnalysis(
-                f"--backend pyhessian cannot compute --which {settings.which}; it supports: largest "
-                "(use --backend native or eigenthings)"
-            )
-        k = settings.top_k
-        n = problem.n_params
-        if not 1 <= k <= n:
-            raise InputError(f"--top-k {k}: expected between 1 and the {n} parameters analysed; ask for fewer")
-        tol = settings.tol if settings.tol is not None else DEFAULT_TOL
-        max_iter = settings.max_iter or DEFAULT_MAX_ITER
+        k = options.top_k
+        self.check_top_k(k, problem.n_params)
+        tol = options.tol if options.tol is not None else DEFAULT_TOL
+        max_iter = options.max_iter or DEFAULT_MAX_ITER
         with self._engine(problem, generator) as engine:
             _, vectors = engine.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
             V = torch.stack([_flat(v) for v in vectors], dim=1).to(problem.dtype)
-            V = V / torch.linalg.vector_norm(V, dim=0, keepdim=True)
-            HV = torch.stack([_flat(engine.hv(_split(V[:, i], engine.params))) for i in range(k)], dim=1)
-            n_hvp = engine.n_hvp
-        lam = (V * HV).sum(0).to(torch.float64)
-        res = torch.linalg.vector_norm(HV - V * lam.to(V.dtype), dim=0).to(torch.float64)
+            lam, res, V = measured_residuals(lambda x: _flat(engine.hv(_split(x, engine.params))), V)
+            n_hvp = engine.counter.n
         order = torch.argsort(lam.abs(), descending=True)
-        lam, res, V = lam[order].cpu(), res[order].cpu(), V[:, order]
-        bounds, converged, at_floor = residual_flags(lam, res, tol, problem.dtype, float(lam.abs().max()))
+        lam, res, V = lam[order], res[order], V[:, order]
         if (lam < 0).any():
             logger.warning("PyHessian returned negative eigenvalue(s) among the largest in magnitude: %s",
                            [round(float(x), 6) for x in lam[lam < 0]])
-        if not bool(converged.all()):
-            warnings.warn(
-                f"PyHessian power iteration: {int(converged.sum())} of {k} eigenvalues have a residual within "
-                f"tol={tol} after at most {max_iter} iterations each; raise --max-iter or lower --tol",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        return EigsResult(
-            eigenvalues=tuple(float(x) for x in lam),
-            residuals=tuple(float(x) for x in res),
-            converged=tuple(bool(x) for x in converged),
-            which=("largest",) * k,
-            rank=tuple(range(1, k + 1)),
-            n_hvp=n_hvp,
-            n_iter=n_hvp,
-            eigenvectors=V if settings.save_vectors else None,
-            error_bounds=tuple(float(x) for x in bounds),
-            at_floor=tuple(bool(x) for x in at_floor),
-        )
+        return self.eigs_result(
+            lam, res, tol=tol, dtype=problem.dtype, norm=float(lam.abs().max()), which=("largest",) * k,
+            rank=tuple(range(1, k + 1)), n_hvp=n_hvp, n_iter=n_hvp, vectors=V if options.save_vectors else None,
+            method="PyHessian power iteration",
+            advice=f"at most {max_iter} iterations per eigenvalue; raise --max-iter or lower --tol")
 
-    def extremes(self, problem: Problem, settings: Settings, generator: torch.Generator) -> ExtremesResult:
-        """Not available: power iteration finds the largest magnitudes, not the smallest eigenvalue.
-
-        Raises:
-            UnsupportedAnalysis: always.
-        """
-        raise UnsupportedAnalysis(
-            "--backend pyhessian cannot compute the smallest eigenvalue needed by 'extremes'; "
-            "use --backend native or eigenthings"
-        )
-
-    def density(self, problem: Problem, settings: Settings, generator: torch.Generator) -> DensityResult:
+    def density(self, problem: Problem, options: DensityOptions, generator: torch.Generator) -> DensityResult:
         """Spectral density by PyHessian's SLQ (``density(iter, n_v)``), broadened like the native one.
 
-        ``settings.iters`` Lanczos steps (capped at the number of parameters, beyond which
-        Lanczos has nothing left to find) and ``settings.runs`` runs. PyHessian's removed
+        ``options.iters`` Lanczos steps (capped at the number of parameters, beyond which
+        Lanczos has nothing left to find) and ``options.runs`` runs. PyHessian's removed
         ``torch.eig`` call is served by :func:`torch_eig_shim`, which also hands back the
-        tridiagonals (``alphas``/``betas``). The raw nodes and weights are broadened with
-        :func:`hesscli.algorithms.slq.broaden`, so ``--sigma`` and ``--grid`` mean the same
-        as for the native engine.
+        tridiagonals (``alphas``/``betas``).
 
         Returns:
             :class:`DensityResult` (float64 nodes, weights, alphas, betas ``[runs, iters]``).
         """
-        from hesscli.algorithms.slq import broaden
-
-        iters = min(settings.iters, problem.n_params)
-        runs = settings.runs
+        iters = min(options.iters, problem.n_params)
         with self._engine(problem, generator) as engine, torch_eig_shim() as tridiagonals:
-            nodes, weights = engine.density(iter=iters, n_v=runs)
-            n_hvp = engine.n_hvp
-        nodes_t = torch.tensor(nodes, dtype=torch.float64)
-        weights_t = torch.tensor(weights, dtype=torch.float64)
+            nodes, weights = engine.density(iter=iters, n_v=options.runs)
+            n_hvp = engine.counter.n
         T = torch.stack(tridiagonals)
-        alphas = torch.diagonal(T, dim1=1, dim2=2).clone()
-        betas = torch.diagonal(T, offset=1, dim1=1, dim2=2).clone()
-        grid, density, sigma = broaden(nodes_t, weights_t, sigma=settings.sigma, grid=settings.grid)
-        return DensityResult(grid=grid, density=density, nodes=nodes_t, weights=weights_t, alphas=alphas,
-                             betas=betas, sigma=sigma, n_hvp=n_hvp)
+        return self.density_result(
+            torch.tensor(nodes, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64),
+            torch.diagonal(T, dim1=1, dim2=2).clone(), torch.diagonal(T, offset=1, dim1=1, dim2=2).clone(),
+            options, n_hvp)
 
 
 def _stopped(total: Tensor, tol: float) -> bool:

@@ -15,7 +15,7 @@ runner = CliRunner()
 
 
 def test_all_commands_are_registered():
-    assert set(COMMANDS) == {"info", "trace", "eigs", "extremes", "density", "scan", "plot"}
+    assert set(COMMANDS) == {"info", "trace", "eigs", "extremes", "density", "landscape", "scan", "plot"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)

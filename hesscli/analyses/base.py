@@ -56,6 +56,7 @@ class Analysis:
     result_type: ClassVar[str]
     engine_options: ClassVar[tuple[str, ...]] = ("hvp",)
     in_scan: ClassVar[bool] = True
+    progress_unit: ClassVar[str] = "products"
 
     # ------------------------------------------------------------------ options
     def options(self, settings: Any) -> Any:

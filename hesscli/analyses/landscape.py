@@ -71,6 +71,7 @@ class Landscape(Analysis):
     result_type = "hesscli.results.records:LandscapeResult"
     default_method = "grid"
     in_scan = True
+    progress_unit = "products + grid points"
 
     def method(self, backend: Backend | None, options: LandscapeOptions) -> str:
         return f"grid-{options.directions}"

@@ -40,7 +40,8 @@ def run_single(analysis: Analysis, checkpoint: Path, values: dict[str, Any]) -> 
                                f"{problem.device}, {str(problem.dtype).replace('torch.', '')}, backend {settings.backend}")
     reduce = ctx.all_reduce_sum if ctx.active else None
     total = analysis.expected_products(analysis.options(settings), problem.n_params)
-    with session.sigterm_as_interrupt(), session.product_progress(settings, analysis.name, total, ctx.is_main) as tick:
+    with session.sigterm_as_interrupt(), session.product_progress(settings, analysis.name, total, ctx.is_main,
+                                                                          analysis.progress_unit) as tick:
         outcome = analyse(problem, analysis.name, settings, reduce=reduce, on_matvecs=tick)
     if not ctx.is_main:
         return

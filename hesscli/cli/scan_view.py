@@ -42,17 +42,7 @@ def run_scan_command(target: str, settings: Settings) -> int:
                 failure.append(str(e))
                 raise _Stop from e
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), console=err_console(), transient=True, disable=not show)
+    progress = session.progress_bar(enabled=show)
     with session.sigterm_as_interrupt(), progress:
         task = progress.add_task("scan", total=None)
 

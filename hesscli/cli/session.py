@@ -52,13 +52,8 @@ def shows(settings: Any) -> bool:
     return not (settings.quiet or settings.json)
 
 
-@contextmanager
-def product_progress(settings: Any, description: str, total: int,
-                     enabled: bool) -> Iterator[Callable[[int], None] | None]:
-    """A Rich progress bar with ETA on stderr, counting curvature products (or grid points)."""
-    if not enabled or not shows(settings):
-        yield None
-        return
+def progress_bar(unit: str | None = None, *, enabled: bool = True) -> Any:
+    """A transient Rich progress bar with ETA on stderr (``unit`` is printed after the count)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -68,8 +63,19 @@ def product_progress(settings: Any, description: str, total: int,
         TimeRemainingColumn,
     )
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("products"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console(), transient=True) as bar:
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               *([TextColumn(unit)] if unit else []), TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=err_console(), transient=True, disable=not enabled)
+
+
+@contextmanager
+def product_progress(settings: Any, description: str, total: int, enabled: bool,
+                     unit: str = "products") -> Iterator[Callable[[int], None] | None]:
+    """A Rich progress bar with ETA on stderr, counting curvature products (or grid points)."""
+    if not enabled or not shows(settings):
+        yield None
+        return
+    with progress_bar(unit) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.update(task, completed=min(n, total))
 

@@ -6,7 +6,6 @@ An algorithm only needs ``size``, ``dtype``, ``device`` and ``matmat``; it never
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -25,9 +24,6 @@ class CurvatureOperator:
         groups: ``name -> slice`` of the flat vector for each parameter tensor
             (used for per-parameter-tensor traces). Dense operators have one group.
     """
-
-    SYMMETRIC: ClassVar[bool] = True
-    EXACT: ClassVar[bool] = True
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device,
                  groups: Mapping[str, slice] | None = None) -> None:

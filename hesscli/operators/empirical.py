@@ -98,7 +98,6 @@ class EmpiricalRiskOperator(CurvatureOperator):
             ``max_cached_batches`` batches; ``True``/``False`` force it.
     """
 
-    CURVATURE = "hessian"
 
     def __init__(
         self,
@@ -279,7 +278,6 @@ class EmpiricalRiskOperator(CurvatureOperator):
 class HessianOperator(EmpiricalRiskOperator):
     """Products with the Hessian of the mean loss over the dataset (exact, symmetric, indefinite)."""
 
-    CURVATURE = "hessian"
 
     def _func_batch(self, x: Tensor, y: Tensor, tangents: list[Tensor]) -> list[Tensor]:
         w = self._weight(y)
@@ -335,7 +333,6 @@ class GGNOperator(EmpiricalRiskOperator):
     """Products with the generalised Gauss–Newton matrix :math:`\\sum_b w_b J_b^T H^{out}_b J_b`
     (exact; positive semi-definite for convex losses)."""
 
-    CURVATURE = "ggn"
 
     def _func_batch(self, x: Tensor, y: Tensor, tangents: list[Tensor]) -> list[Tensor]:
         w = self._weight(y)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import hesscli
 from hesscli.cli import app, main
+from tests.cases import mlp_ce
 
 runner = CliRunner()
 
@@ -134,3 +135,54 @@ def test_bad_landscape_options_are_one_line_exit_2(tmp_path, capsys, args, messa
               "--out", str(tmp_path / "out"), *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def _gloo_worker(rank: int, world: int, init: str, queue) -> None:
+    import torch.distributed as dist
+
+    from hesscli.api import analyse
+    from hesscli.config import Settings
+    from hesscli.distributed import DistContext
+    from tests.test_distributed import _shard
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        problem = _shard(mlp_ce(), rank, world)
+        out = {}
+        for kind in ("eigs", "random"):
+            s = Settings(directions=kind, dims=2, steps=4, span=0.5, dtype="float64", seed=3)
+            r = analyse(problem, "landscape", s, reduce=DistContext(rank, world).all_reduce_sum).result
+            out[kind] = (r.loss.tolist(), r.accuracy.tolist(), r.center_loss)
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_single_process_grid(tmp_path):
+    import torch.multiprocessing as mp
+
+    from hesscli.api import analyse
+    from hesscli.config import Settings
+
+    problem = mlp_ce()
+    expected = {}
+    for kind in ("eigs", "random"):
+        r = analyse(problem, "landscape", Settings(directions=kind, dims=2, steps=4, span=0.5, dtype="float64",
+                                                   seed=3)).result
+        expected[kind] = (r.loss, r.accuracy, r.center_loss)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_worker, args=(r, 2, f"file://{tmp_path / 'rdv'}", queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank in (0, 1):
+        for kind, (loss, acc, center) in results[rank].items():
+            want_loss, want_acc, want_center = expected[kind]
+            assert torch.allclose(torch.tensor(loss, dtype=torch.float64), want_loss, rtol=1e-8, atol=1e-12), kind
+            assert torch.allclose(torch.tensor(acc, dtype=torch.float64), want_acc, atol=1e-12), kind
+            assert abs(center - want_center) < 1e-12
+    assert results[0] == results[1]  # identical on every rank

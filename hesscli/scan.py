@@ -385,7 +385,7 @@ def run_scan(
                         duplicates=[(path_text(d.path), path_text(k.path)) for d, k in duplicates if id(k) in mine])
     for dup, same in report.duplicates:
         logger.info("%s has the same content as %s: analysed once", dup, same)
-    loader = ProblemLoader(settings, DistContext(rank, world_size)).prepare()  # bad data stops here, once
+    loader = ProblemLoader(settings.problem, DistContext(rank, world_size)).prepare()  # bad data stops here, once
     done_index = _Done(settings.out)
     done = done_index.refresh() if settings.resume else set()
     use_claims = settings.resume and write is not None and rank == 0

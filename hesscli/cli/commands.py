@@ -31,7 +31,7 @@ def run_single(analysis: Analysis, checkpoint: Path, values: dict[str, Any]) -> 
     settings = settings_from(analysis.name, **values)
     analysis.validate(analysis.options(settings))
     ctx, settings = session.start(settings)
-    problem = load_problem(checkpoint, settings, ctx)
+    problem = load_problem(checkpoint, settings.problem, ctx)
     if ctx.is_main:
         bn = "batch" if settings.batchnorm == "batch" else "running"
         tokens = f" ({problem.data.n_units:,} {problem.loss.unit})" if problem.loss.unit != "samples" else ""

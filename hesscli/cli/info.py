@@ -15,7 +15,7 @@ def _info(checkpoint: Path, *, values: dict[str, Any]) -> None:
     from hesscli.loading import describe, load_problem
     from hesscli.results.info import info_to_dict, render_info
 
-    result = describe(load_problem(checkpoint, settings))
+    result = describe(load_problem(checkpoint, settings.problem))
     if settings.json:
         print_json(info_to_dict(result))
     else:

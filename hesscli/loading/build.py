@@ -26,6 +26,7 @@ from hesscli.loading.forward import ModelCall
 from hesscli.loading.loss import check_targets, load_loss
 from hesscli.loading.problem import Dataset, LoadedModel, LossFn, LossSpec, Problem
 from hesscli.loading.specs import one_line
+from hesscli.options import ProblemSpec
 
 __all__ = [
     "resolve_device",
@@ -219,7 +220,7 @@ def build_problem(
     loaded: LoadedModel,
     data: Dataset,
     loss: LossSpec,
-    settings: Settings,
+    settings: ProblemSpec,
     *,
     device: torch.device,
     dtype: torch.dtype,
@@ -289,7 +290,7 @@ class ProblemLoader:
         InputError: a bad device, dtype or loss (the data is read on first use, or by :meth:`prepare`).
     """
 
-    def __init__(self, spec: Any, ctx: DistContext | None = None) -> None:
+    def __init__(self, spec: ProblemSpec, ctx: DistContext | None = None) -> None:
         self.spec = spec
         self.ctx = ctx or distributed.current()
         self.device = resolve_device(spec.device)
@@ -318,7 +319,7 @@ class ProblemLoader:
         return build_problem(loaded, self.data, self.loss, self.spec, device=self.device, dtype=self.dtype)
 
 
-def load_problem(checkpoint: str | Path, spec: Any, ctx: DistContext | None = None) -> Problem:
+def load_problem(checkpoint: str | Path, spec: ProblemSpec, ctx: DistContext | None = None) -> Problem:
     """Load everything one analysis of one checkpoint needs (see :class:`ProblemLoader`).
 
     Raises:
@@ -407,7 +408,7 @@ def problem_from_python(
     model: nn.Module,
     loss: str | LossFn,
     data: Any,
-    settings: Settings | None = None,
+    settings: ProblemSpec | Settings | None = None,
 ) -> Problem:
     """Build a problem from Python objects, e.g. inside a training loop.
 
@@ -440,11 +441,12 @@ def problem_from_python(
     """
     own_device, own_dtype = _model_placement(model)
     if settings is None:
-        settings = Settings()
+        pspec = ProblemSpec()
         device, dtype = own_device, own_dtype
     else:
-        device = own_device if settings.device == "auto" else resolve_device(settings.device)
-        dtype = resolve_dtype(settings.dtype)
+        pspec = settings.problem if isinstance(settings, Settings) else settings
+        device = own_device if pspec.device == "auto" else resolve_device(pspec.device)
+        dtype = resolve_dtype(pspec.dtype)
     if isinstance(loss, str):
         spec = load_loss(loss)
     elif callable(loss):
@@ -463,9 +465,9 @@ def problem_from_python(
         )
     elif isinstance(data, (tuple, list, dict, TorchDataset, DataLoader)):
         ctx = distributed.current()
-        dataset = make_dataset(data, source="<python>", batch_size=settings.batch_size,
-                               max_samples=settings.max_samples, seed=settings.seed, device=device, dtype=dtype,
-                               rank=ctx.rank, world_size=ctx.world_size, target_key=settings.target_key, loss=spec.name)
+        dataset = make_dataset(data, source="<python>", batch_size=pspec.batch_size,
+                               max_samples=pspec.max_samples, seed=pspec.seed, device=device, dtype=dtype,
+                               rank=ctx.rank, world_size=ctx.world_size, target_key=pspec.target_key, loss=spec.name)
     else:
         raise InputError(
             f"data is a {type(data).__name__}; pass (inputs, targets), a torch Dataset, a DataLoader or a "
@@ -473,4 +475,4 @@ def problem_from_python(
         )
     loaded = LoadedModel(model=private_copy(model, device, dtype), source="<python>", format="module",
                          metadata={"was_training": model.training})
-    return build_problem(loaded, dataset, spec, settings, device=device, dtype=dtype)
+    return build_problem(loaded, dataset, spec, pspec, device=device, dtype=dtype)

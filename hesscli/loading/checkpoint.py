@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hesscli.config import Settings
 from hesscli.errors import InputError
 from hesscli.loading.model import build_model, load_weights
 from hesscli.loading.problem import LoadedModel
 from hesscli.loading.specs import one_line, short
+from hesscli.options import ProblemSpec
 
 __all__ = ["load_checkpoint", "step_from", "epoch_from", "file_sha256", "torch_load", "NESTED_KEYS"]
 
@@ -330,7 +330,7 @@ def _weights_without_code(path: Path, what: str, refused: InputError) -> Any:
     return obj
 
 
-def load_checkpoint(path: str | Path, settings: Settings) -> LoadedModel:
+def load_checkpoint(path: str | Path, settings: ProblemSpec) -> LoadedModel:
     """Read a checkpoint and return its model on the CPU (not yet moved or cast).
 
     Args:
@@ -399,7 +399,7 @@ def load_checkpoint(path: str | Path, settings: Settings) -> LoadedModel:
         fmt = "safetensors"
     else:
         try:
-            obj = torch_load(p, trust_pickle=settings.trust_pickle, what=what)
+            obj = torch_load(p, trust_pickle=settings.trust_code, what=what)
         except ObjectsRefused as refused:
             obj = _weights_without_code(p, what, refused)
         metadata = _scalar_metadata(obj)

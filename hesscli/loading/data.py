@@ -26,13 +26,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from torch.utils.data import Dataset as TorchDataset
 
-from hesscli.config import Settings
 from hesscli.errors import InputError
 from hesscli.loading.checkpoint import torch_load
 from hesscli.loading.forward import batch_len
 from hesscli.loading.loss import IGNORE_INDEX
 from hesscli.loading.problem import Dataset
 from hesscli.loading.specs import build_mismatch, load_callable, one_line, short
+from hesscli.options import ProblemSpec
 
 __all__ = ["load_data", "make_dataset", "select_indices", "shard_bounds", "KEY_PAIRS"]
 
@@ -477,7 +477,7 @@ def make_dataset(
 
 
 def load_data(
-    settings: Settings,
+    settings: ProblemSpec,
     *,
     device: torch.device,
     dtype: torch.dtype,
@@ -493,7 +493,7 @@ def load_data(
     ``--trust-pickle``.
 
     Args:
-        settings: uses ``data``, ``batch_size``, ``max_samples``, ``seed``, ``trust_pickle``.
+        settings: uses ``data``, ``batch_size``, ``max_samples``, ``seed``, ``trust_code``.
         device, dtype: the analysis device and floating dtype.
         rank, world_size: this process's place among data-parallel processes.
 
@@ -509,7 +509,7 @@ def load_data(
             "no data: pass --data SPEC (a .pt/.npz file, pkg.module:callable, file.py:callable or "
             "torchvision:NAME?root=DIR) or set data in hesscli.toml"
         )
-    obj = _read_spec(spec, settings.trust_pickle)
+    obj = _read_spec(spec, settings.trust_code)
     return make_dataset(
         obj,
         source=spec,

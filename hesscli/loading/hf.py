@@ -20,10 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hesscli.config import Settings
 from hesscli.errors import InputError
 from hesscli.loading.problem import LoadedModel
 from hesscli.loading.specs import load_callable, one_line, short
+from hesscli.options import ProblemSpec
 
 __all__ = ["WEIGHT_FILES", "is_hf_folder", "folder_step", "load_hf_folder", "folder_sha256"]
 
@@ -144,7 +144,7 @@ def _model_class(spec: str | None, config: Any, transformers: Any, what: str) ->
     return arch
 
 
-def load_hf_folder(path: str | Path, settings: Settings) -> LoadedModel:
+def load_hf_folder(path: str | Path, settings: ProblemSpec) -> LoadedModel:
     """Build the model of a Hugging Face folder from ``config.json`` and load its weights (local only).
 
     Args:
@@ -173,7 +173,7 @@ def load_hf_folder(path: str | Path, settings: Settings) -> LoadedModel:
         name = getattr(cls, "__name__", str(settings.model))
         kwargs = dict(settings.model_args)
         if "weights_only" in inspect.signature(transformers.PreTrainedModel.from_pretrained).parameters:
-            kwargs["weights_only"] = not settings.trust_pickle  # pytorch_model.bin: tensors only unless trusted
+            kwargs["weights_only"] = not settings.trust_code  # pytorch_model.bin: tensors only unless trusted
         try:
             model, info = cls.from_pretrained(str(p), config=config, local_files_only=True,
                                               output_loading_info=True, **kwargs)

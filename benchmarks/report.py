@@ -313,6 +313,10 @@ def write_report(results: dict[str, Any], path: Path) -> str:
             L.append("")
 
     L.append(_ratio_table(results))
+    if results.get("whole_process"):
+        from benchmarks.whole_process import markdown
+
+        L.append(markdown(results["whole_process"]))
     analysis = HERE / "ANALYSIS.md"
     if analysis.is_file():
         L.append(analysis.read_text())

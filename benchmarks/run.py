@@ -120,6 +120,11 @@ def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, ou
         logger.info("%s done in %.0fs", name, time.perf_counter() - t0)
         results["wall_seconds"] = time.perf_counter() - t_start
         _write(results, out_json, out_md)  # partial results survive an interrupted run
+    whole = [n for n in ("W2", "W4") if n in workloads]
+    if whole and not quick:  # fresh processes, as a user runs them (benchmarks/whole_process.py)
+        from benchmarks import whole_process
+
+        results["whole_process"] = whole_process.run(whole, repeats)
     results["wall_seconds"] = time.perf_counter() - t_start
     _write(results, out_json, out_md)
     return results

@@ -32,10 +32,9 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from hesscli.errors import InputError
@@ -51,6 +50,9 @@ from hesscli.results.fileops import (
 )
 from hesscli.results.records import Outcome
 from hesscli.results.tables import ANALYSIS_TABLES, TABLES, collect_rows, empty_frame, table_to_frame
+
+if TYPE_CHECKING:  # pragma: no cover - pandas is imported where frames are made (writing needs none)
+    import pandas as pd
 
 __all__ = ["write_outcomes", "read_table", "read_parts", "part_files", "prepare_out", "recover", "check_schemas",
            "JOURNAL"]
@@ -371,6 +373,8 @@ def read_parts(out: Path, name: str, files: Sequence[Path]) -> pd.DataFrame:
     for path in files:
         _check_part_schema(path, name)
     try:
+        import pyarrow.dataset as pads  # imports pandas: only readers pay for it
+
         dataset = pads.dataset([str(p) for p in files], schema=TABLES[name], format="parquet")
         table = dataset.to_table()
     except (pa.ArrowException, OSError) as e:

@@ -12,9 +12,8 @@ import math
 import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import PurePath
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import pandas as pd
 import torch
 from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
@@ -24,6 +23,9 @@ from rich.text import Text
 from hesscli.results.plugins import plugin
 from hesscli.results.records import Outcome, RunInfo
 from hesscli.results.tables import TOTAL_GROUP, empty_frame, latest_ok_runs
+
+if TYPE_CHECKING:  # pragma: no cover - pandas is imported where frames are made (writing needs none)
+    import pandas as pd
 
 __all__ = [
     "render_outcome",
@@ -58,8 +60,18 @@ def _tick(ok: bool) -> Text:
     return Text("✓", style="green") if ok else Text("✗", style="bold red")
 
 
+def _missing(x: Any) -> bool:
+    """``None``, NaN or ``pd.NA`` (whose truth value is undefined)."""
+    if x is None:
+        return True
+    try:
+        return bool(x != x)
+    except TypeError:
+        return True
+
+
 def _step(step: Any) -> str:
-    return "–" if step is None or pd.isna(step) else str(int(step))
+    return "–" if _missing(step) else str(int(step))
 
 
 def sparkline(values: Sequence[float | None], *, log: bool = False) -> str:
@@ -246,7 +258,7 @@ def _value(row: pd.Series | None, column: str) -> float | None:
     if row is None:
         return None
     v = row[column]
-    return None if pd.isna(v) else float(v)
+    return None if _missing(v) else float(v)
 
 
 def render_scan_summary(
@@ -276,6 +288,8 @@ def render_scan_summary(
         run_ids: restrict to these runs (e.g. those a scan just wrote); all when ``None``.
         checkpoints: restrict to these checkpoint paths (as in the ``checkpoint`` column).
     """
+    import pandas as pd
+
     if isinstance(tables, pd.DataFrame):
         runs = tables
     else:

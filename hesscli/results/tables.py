@@ -18,9 +18,8 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
 import torch
 
@@ -28,6 +27,9 @@ from hesscli.errors import InputError
 from hesscli.results.fileops import atomic_write
 from hesscli.results.plugins import PLUGINS
 from hesscli.results.records import Outcome, RunInfo
+
+if TYPE_CHECKING:  # pragma: no cover - pandas is imported where frames are made (writing needs none)
+    import pandas as pd
 
 __all__ = [
     "TABLES",
@@ -156,6 +158,8 @@ def collect_rows(outcomes: Iterable[Outcome]) -> dict[str, list[dict[str, Any]]]
 
 
 def _types_mapper(dtype: pa.DataType) -> Any:
+    import pandas as pd
+
     # Integers stay integers when a value is null (``step`` of a checkpoint without one).
     if pa.types.is_integer(dtype):
         return pd.Int64Dtype()

@@ -20,8 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
 def lanczos_tol() -> Any:
     """``tol`` of the Lanczos analyses (eigs, extremes): one key, one meaning."""
     return option(None, minimum=0.0, metavar="REL", panel=ANALYSIS, help=(
-        "eigs/extremes: relative error bound on each eigenvalue (default 1e-4 in float32, 1e-10 in float64; see "
-        "README, What the flags mean)."))
+        "Lanczos (eigs, extremes, landscape --directions eigs): relative error bound on each eigenvalue (default "
+        "1e-4 in float32, 1e-10 in float64; see README, What the flags mean)."))
 
 
 def lanczos_max_iter() -> Any:

@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from hesscli.errors import AnalysisError
+
 
 class CurvatureOperator:
     """Base class: a symmetric ``size x size`` matrix available through products.
@@ -34,6 +36,10 @@ class CurvatureOperator:
         self.n_matvecs = 0
         self.on_matvecs: Callable[[int], None] | None = None
 
+    def describe(self) -> str:
+        """What the operator is, for messages."""
+        return f"{type(self).__name__}, {self.size:,} parameters"
+
     @property
     def shape(self) -> tuple[int, int]:
         return (self.size, self.size)
@@ -47,6 +53,11 @@ class CurvatureOperator:
             raise ValueError(f"expected a tensor of shape ({self.size},) or ({self.size}, k), got {tuple(V.shape)}")
         V = V.to(device=self.device, dtype=self.dtype)
         out = self._matmat(V) if V.shape[1] else V.clone()
+        if bool(torch.isfinite(V).all()) and not bool(torch.isfinite(out).all()):
+            raise AnalysisError(
+                f"curvature products are not finite (NaN or Inf) at this point ({self.describe()}): the loss's "
+                "second derivatives overflow or are undefined here (e.g. |x|^p with p < 2 at 0, sqrt at 0); "
+                "check the model and loss, or try --dtype float64")
         self.n_matvecs += V.shape[1]
         if self.on_matvecs is not None:
             self.on_matvecs(self.n_matvecs)

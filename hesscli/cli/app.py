@@ -12,7 +12,7 @@ __all__ = ["app", "version_string"]
 app = typer.Typer(
     name="hesscli",
     help=(
-        "Loss curvature of trained PyTorch checkpoints: Hessian trace, eigenvalues, spectral density.\n\n"
+        "Loss curvature of trained PyTorch checkpoints: Hessian trace, eigenvalues, spectral density, loss landscapes.\n\n"
         "Exit codes: 0 ok, 1 an analysis failed, 2 bad usage or input. Add --debug for tracebacks."
     ),
     no_args_is_help=True,
@@ -55,4 +55,4 @@ def root(
         typer.Option("--debug", help="Show full tracebacks instead of one-line errors."),
     ] = None,
 ) -> None:
-    """Loss curvature of trained PyTorch checkpoints: Hessian trace, eigenvalues, spectral density."""
+    """Loss curvature of trained PyTorch checkpoints: Hessian trace, eigenvalues, spectral density, loss landscapes."""

@@ -118,7 +118,7 @@ def plot_cmd(
     to: Annotated[Path | None, typer.Option("--to", help="Where to write the PNGs (default OUT/plots).")] = None,
     debug: Annotated[bool | None, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = None,
 ) -> None:
-    """PNG figures: spectral density per checkpoint, top eigenvalues, curvature against step.
+    """PNG figures: spectral density per checkpoint, top eigenvalues, curvature against step, loss landscapes.
 
     Example:
 

@@ -8,7 +8,6 @@ import torch: heavy imports go inside the methods.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hesscli.results.records import RunInfo
     from hesscli.runner import SharedRuns
 
-__all__ = ["Analysis", "RESUME_PROBLEM_KEYS"]
+__all__ = ["Analysis", "RESUME_PROBLEM_KEYS", "columns"]
 
 RESUME_PROBLEM_KEYS: tuple[str, ...] = ("backend", "curvature", "params", "loss", "data", "max_samples", "dtype",
                                         "seed")
@@ -131,5 +130,10 @@ class Analysis:
         return f"<analysis {self.name}>"
 
 
-def field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+def columns(**types: type) -> pa.Schema:
+    """An Arrow schema from ``name=type`` pairs (``str``, ``float``, ``int``, ``bool``), in order; every
+    column nullable. The ``run_id, checkpoint, step`` key is added by the results layer."""
+    import pyarrow as pa
+
+    arrow = {str: pa.string(), float: pa.float64(), int: pa.int64(), bool: pa.bool_()}
+    return pa.schema([pa.field(name, arrow[t]) for name, t in types.items()])

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hesscli.analyses.base import Analysis
+from hesscli.analyses.base import Analysis, columns
 from hesscli.options import ANALYSIS, option
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,15 +83,9 @@ class Density(Analysis):
         return options.iters * options.runs
 
     def schemas(self) -> dict[str, pa.Schema]:
-        import pyarrow as pa
+        return {"density": columns(grid=float, density=float, sigma=float),
+                "ritz": columns(run=int, index=int, node=float, weight=float, alpha=float, beta=float)}
 
-        return {
-            "density": pa.schema([pa.field("grid", pa.float64()), pa.field("density", pa.float64()),
-                                  pa.field("sigma", pa.float64())]),
-            "ritz": pa.schema([pa.field("run", pa.int64()), pa.field("index", pa.int64()),
-                               pa.field("node", pa.float64()), pa.field("weight", pa.float64()),
-                               pa.field("alpha", pa.float64()), pa.field("beta", pa.float64())]),
-        }
 
     def rows(self, run: RunInfo, r: DensityResult) -> dict[str, list[dict[str, Any]]]:
         """The broadened curve (``density``) and the nodes, weights and Lanczos coefficients of every

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hesscli.analyses.base import Analysis
+from hesscli.analyses.base import Analysis, columns
 from hesscli.errors import UnsupportedAnalysis
 from hesscli.options import ANALYSIS, option
 
@@ -74,17 +74,9 @@ class Eigs(Analysis):
         return lanczos_budget(k, options.max_iter, n_params)
 
     def schemas(self) -> dict[str, pa.Schema]:
-        import pyarrow as pa
+        return {"eigs": columns(rank=int, which=str, eigenvalue=float, residual=float, converged=bool,
+                                error_bound=float, at_floor=bool)}
 
-        return {"eigs": pa.schema([
-            pa.field("rank", pa.int64()),
-            pa.field("which", pa.string()),
-            pa.field("eigenvalue", pa.float64()),
-            pa.field("residual", pa.float64()),
-            pa.field("converged", pa.bool_()),
-            pa.field("error_bound", pa.float64()),
-            pa.field("at_floor", pa.bool_()),
-        ])}
 
     def rows(self, run: RunInfo, r: EigsResult) -> dict[str, list[dict[str, Any]]]:
         from hesscli.results.tables import key_columns

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hesscli.analyses.base import Analysis
+from hesscli.analyses.base import Analysis, columns
 from hesscli.analyses.eigs import lanczos_budget, lanczos_max_iter, lanczos_tol
 from hesscli.errors import UnsupportedAnalysis
 
@@ -42,17 +42,9 @@ class Extremes(Analysis):
         return lanczos_budget(2, options.max_iter, n_params)
 
     def schemas(self) -> dict[str, pa.Schema]:
-        import pyarrow as pa
+        return {"extremes": columns(lambda_max=float, lambda_min=float, condition_number=float,
+                                    negative_ratio=float, residual_max=float, residual_min=float, converged=bool)}
 
-        return {"extremes": pa.schema([
-            pa.field("lambda_max", pa.float64()),
-            pa.field("lambda_min", pa.float64()),
-            pa.field("condition_number", pa.float64()),
-            pa.field("negative_ratio", pa.float64()),
-            pa.field("residual_max", pa.float64()),
-            pa.field("residual_min", pa.float64()),
-            pa.field("converged", pa.bool_()),
-        ])}
 
     def rows(self, run: RunInfo, r: ExtremesResult) -> dict[str, list[dict[str, Any]]]:
         from hesscli.results.tables import key_columns

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hesscli.analyses.base import Analysis
+from hesscli.analyses.base import Analysis, columns
 from hesscli.analyses.eigs import lanczos_budget, lanczos_max_iter, lanczos_tol, save_vectors
 from hesscli.errors import InputError, UnsupportedAnalysis
 from hesscli.options import ANALYSIS, option
@@ -153,21 +153,10 @@ class Landscape(Analysis):
 
     # ------------------------------------------------------------------ results
     def schemas(self) -> dict[str, pa.Schema]:
-        import pyarrow as pa
+        return {"landscape": columns(direction_kind=str, normalize=str, direction=int, alpha=float, beta=float,
+                                     loss=float, accuracy=float, center_loss=float, eigenvalue_1=float,
+                                     eigenvalue_2=float, n_forward=int)}
 
-        return {"landscape": pa.schema([
-            pa.field("direction_kind", pa.string()),
-            pa.field("normalize", pa.string()),
-            pa.field("direction", pa.int64()),
-            pa.field("alpha", pa.float64()),
-            pa.field("beta", pa.float64()),
-            pa.field("loss", pa.float64()),
-            pa.field("accuracy", pa.float64()),
-            pa.field("center_loss", pa.float64()),
-            pa.field("eigenvalue_1", pa.float64()),
-            pa.field("eigenvalue_2", pa.float64()),
-            pa.field("n_forward", pa.int64()),
-        ])}
 
     def rows(self, run: RunInfo, r: LandscapeResult) -> dict[str, list[dict[str, Any]]]:
         from hesscli.results.landscape_plots import landscape_rows

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hesscli.analyses.base import Analysis
+from hesscli.analyses.base import Analysis, columns
 from hesscli.errors import UnsupportedAnalysis
 from hesscli.options import ANALYSIS, option
 
@@ -71,18 +71,9 @@ class Trace(Analysis):
         return n_params if options.method == "exact" else options.probes
 
     def schemas(self) -> dict[str, pa.Schema]:
-        import pyarrow as pa
+        return {"trace": columns(param_group=str, estimate=float, stderr=float, ci_low=float, ci_high=float,
+                                 n_probes=int, method=str, converged=bool)}
 
-        return {"trace": pa.schema([
-            pa.field("param_group", pa.string()),
-            pa.field("estimate", pa.float64()),
-            pa.field("stderr", pa.float64()),
-            pa.field("ci_low", pa.float64()),
-            pa.field("ci_high", pa.float64()),
-            pa.field("n_probes", pa.int64()),
-            pa.field("method", pa.string()),
-            pa.field("converged", pa.bool_()),
-        ])}
 
     def rows(self, run: RunInfo, r: TraceResult) -> dict[str, list[dict[str, Any]]]:
         from hesscli.results.tables import TOTAL_GROUP, key_columns

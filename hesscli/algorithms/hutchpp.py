@@ -56,8 +56,8 @@ def hutchpp(
         n_matvecs: Product budget ``m``; exactly ``m`` products are spent.
         generator: Seeded CPU generator (sketch first, then residual probes).
         block_size: Most columns per ``matmat`` call (default 16, as for
-            :func:`~hesscli.algorithms.hutchinson.hutchinson`). Memory is ``Q`` and ``AQ``
-            (``m / 3`` vectors each) plus two blocks.
+            :func:`~hesscli.algorithms.hutchinson.hutchinson`). Memory is the sketch and its
+            ``Q`` (``m / 3`` vectors each) while ``Q`` is formed, then ``Q`` plus a few blocks.
         confidence: Coverage of the interval.
 
     Returns:
@@ -100,12 +100,17 @@ def hutchpp(
 
     # Exact part: the diagonal of P A + (I - P) A P with P = QQᵀ, whose trace is tr(Qᵀ A Q); per
     # group, rows of Q ∘ AQ plus rows of Q ∘ W with W = (I - P) A Q.
-    AQ = torch.empty_like(Q)
+    # Streamed a block of columns at a time (only Q is held whole): Q ∘ AQ + Q ∘ W =
+    # Q ∘ (2 AQ - Q (Qᵀ AQ)), and column c of Qᵀ AQ needs only column c of AQ.
+    exact: Tensor | None = None
     for c in range(0, Q.shape[1], block_size):
-        AQ[:, c:c + block_size] = A.matmat(Q[:, c:c + block_size])
-    W = AQ - Q @ (Q.T @ AQ)
-    exact = (groups(Q * AQ) + groups(Q * W)).sum(1)
-    del AQ, W
+        Qc = Q[:, c:c + block_size]
+        AQc = A.matmat(Qc)
+        QM = Q @ (Q.T @ AQc)  # before AQc is changed in place
+        AQc.mul_(2).sub_(QM).mul_(Qc)
+        part = groups(AQc).sum(1)
+        exact = part if exact is None else exact + part
+        del AQc, QM
 
     # Residual: zᵀ D_g (I - P) A (I - P) z for fresh probes z; the products are of projected probes,
     # so the large eigen-directions that Q holds cannot leak into the samples.

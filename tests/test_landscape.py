@@ -186,3 +186,12 @@ def test_two_gloo_processes_give_the_single_process_grid(tmp_path):
             assert torch.allclose(torch.tensor(acc, dtype=torch.float64), want_acc, atol=1e-12), kind
             assert abs(center - want_center) < 1e-12
     assert results[0] == results[1]  # identical on every rank
+
+
+def test_json_output_leaves_the_directions_to_the_vectors_file(tmp_path):
+    f = _files(tmp_path)
+    result = runner.invoke(app, ["landscape", str(Path(f["run"]) / "ckpt_000100.pt"), "--model", f["model"],
+                                 "--data", f["data"], "--out", str(tmp_path / "out"), "--steps", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)["result"]
+    assert "directions" not in doc and len(doc["loss"][0]) == 3 and doc["n_forward"] == 4

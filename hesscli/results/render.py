@@ -196,8 +196,8 @@ def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
 
     Returns:
         ``{"run": {RunInfo fields}, "result": {result fields} | None, "extra": {...}}``.
-        Tensors become (nested) lists, eigenvectors are omitted, and NaN/±inf become
-        ``None`` so the output is strict JSON.
+        Tensors become (nested) lists, eigenvectors and landscape directions are omitted
+        (``--save-vectors`` writes them), and NaN/±inf become ``None`` so the output is strict JSON.
 
     Example:
         >>> from hesscli.results.records import RunInfo, Outcome, ExtremesResult
@@ -212,7 +212,7 @@ def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
         result = {
             f.name: _jsonable(getattr(outcome.result, f.name))
             for f in dataclasses.fields(outcome.result)
-            if f.name != "eigenvectors"
+            if f.name not in ("eigenvectors", "directions")  # vectors go to files (--save-vectors)
         }
     return {"run": _jsonable(outcome.run), "result": result, "extra": _jsonable(dict(outcome.extra))}
 

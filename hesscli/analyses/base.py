@@ -38,11 +38,15 @@ class Analysis:
         name: the command name and the ``runs.analysis`` value.
         Options: a frozen dataclass of :func:`hesscli.options.option` fields.
         summary: one line for ``hesscli --help`` and the command's help.
+        description: more of the command's help (optional).
         example: a command line shown under the command's help.
+        python_example: a doctest shown in the docstring of ``hesscli.<name>`` (optional).
         tables: the tables its results fill, in write order.
         result_type: ``module:Class`` of its result dataclass.
         engine_options: the engine options its command offers besides ``--backend``/``--curvature``.
         in_scan: offered by ``hesscli scan --analyses``.
+        progress_unit: what the progress bar counts.
+        default_method: ``runs.method`` when no backend says otherwise.
     """
 
     name: ClassVar[str]

@@ -31,7 +31,8 @@ def _settings(**kw) -> Settings:
 @pytest.mark.parametrize("which", ["largest", "smallest"])
 def test_eigs_extremes_density_share_one_run(case, which, k):
     """``extremes`` always comes from the eigs run; the density's first SLQ run only from a
-    single-vector run (one value at each end): a block run's steps are no SLQ run."""
+    single-vector run (one value at each end): a block run's steps are no SLQ run, its converged
+    eigenpairs are deflated from the density instead."""
     problem = case()
     true = torch.linalg.eigvalsh(exact_hessian(problem))
     scale = float(true.abs().max())
@@ -50,10 +51,11 @@ def test_eigs_extremes_density_share_one_run(case, which, k):
     assert abs(ext.lambda_max - float(true[-1])) <= 1e-8 * scale and abs(ext.lambda_min - float(true[0])) <= 1e-8 * scale
     if k == 1:  # density's first run is the first `iters` steps of that run: only runs - 1 cost products
         assert eigs.n_iter >= settings.iters
-        assert dens.n_hvp == (settings.runs - 1) * settings.iters
-    else:
-        assert dens.n_hvp == settings.runs * settings.iters
-    assert dens.nodes.shape == (3, 12) and torch.allclose(dens.weights.sum(1), torch.ones(3, dtype=torch.float64))
+        assert dens.n_hvp == (settings.runs - 1) * settings.iters and dens.deflated == 0
+    else:  # a block run: its converged pairs (k wanted + the other end's extreme) are deflated
+        assert dens.n_hvp == settings.runs * settings.iters and dens.deflated == k + 1
+    assert dens.nodes.shape == (3, 12 + dens.deflated)
+    assert torch.allclose(dens.weights.sum(1), torch.ones(3, dtype=torch.float64))
 
     # the same analyses one by one (no plan): same eigenvalues and extremes to the tolerance, and
     # the density's fresh runs are exactly those of a separate density run with runs - 1

@@ -29,7 +29,7 @@ import torch
 from benchmarks.peers import native, native_result, pyhessian
 from benchmarks.reference import density_error, load_reference
 from benchmarks.workloads import load_workload
-from hesscli.algorithms.lanczos import lanczos_eigs
+from hesscli.algorithms.lanczos import lanczos_eigs, lanczos_run
 from hesscli.algorithms.slq import slq
 from hesscli.api import analyse
 from hesscli.backends.native import NativeBackend, _resolved_pairs
@@ -55,6 +55,21 @@ def scan(problem: Any, top_k: int) -> Callable[[int], dict[str, Any]]:
     return call
 
 
+def top1_first_run(problem: Any) -> Callable[[int], dict[str, Any]]:
+    """``eigs --top-k 1`` run on to ``ITERS`` steps, its first steps serving as the first SLQ run."""
+    def call(seed: int) -> dict[str, Any]:
+        backend = NativeBackend()
+        op = backend.operator(problem)
+        g = torch.Generator().manual_seed(seed)
+        run = lanczos_run(op, k=1, which="largest", generator=g, keep_tridiagonal=ITERS)
+        first = None if run.alphas is None else (run.alphas, run.betas)
+        dens = slq(op, iters=ITERS, runs=RUNS, generator=g, first_run=first)
+        out = native_result(dens)
+        out.update(products=run.result.n_hvp + dens.n_hvp, deflated=dens.deflated, density_hvp=dens.n_hvp)
+        return out
+    return call
+
+
 def top1_deflated(problem: Any) -> Callable[[int], dict[str, Any]]:
     """``eigs --top-k 1`` keeping its vector, then SLQ of the deflated operator with ``RUNS`` runs."""
     def call(seed: int) -> dict[str, Any]:
@@ -69,7 +84,7 @@ def top1_deflated(problem: Any) -> Callable[[int], dict[str, Any]]:
     return call
 
 
-def measure(name: str, seeds: int) -> list[tuple[str, str, float, float, str]]:
+def measure(name: str, seeds: int, top1: bool = True) -> list[tuple[str, str, float, float, str]]:
     w = load_workload(name)
     ref = load_reference(w)
     problem = w.problem(torch.float32)
@@ -93,8 +108,9 @@ def measure(name: str, seeds: int) -> list[tuple[str, str, float, float, str]]:
         def counted(seed: int, o: Callable[[int], dict[str, Any]] = o) -> dict[str, Any]:
             return {**o(seed), "products": equal * ITERS}
         row("PyHessian density, equal products", f"density(iter={ITERS}, n_v={equal})", counted)
-    row("eigs top-1 + density, first run shared", f"scan, density {RUNS - 1} fresh runs", scan(problem, 1))
-    row("eigs top-1 + deflated density", f"density {RUNS} runs of P H P", top1_deflated(problem))
+    if top1:
+        row("eigs top-1 + density, first run shared", f"density {RUNS - 1} fresh runs", top1_first_run(problem))
+        row("eigs top-1 + deflated density", f"density {RUNS} runs of P H P", top1_deflated(problem))
     return rows
 
 
@@ -102,12 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workloads", nargs="*", default=["W1", "W2"])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--no-top1", action="store_true", help="skip the eigs --top-k 1 rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     table = ["| workload | run | how | products (median) | W1 error / range (median) | note |",
              "|---|---|---|---:|---:|---|"]
     for name in args.workloads:
-        for label, how, prods, err, note in measure(name, args.seeds):
+        for label, how, prods, err, note in measure(name, args.seeds, not args.no_top1):
             table.append(f"| {name} | {label} | {how} | {prods:.0f} | {err:.2e} | {note} |")
     print("\n" + "\n".join(table))
 

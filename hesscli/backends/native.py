@@ -41,18 +41,17 @@ class NativeBackend:
     * ``eigs`` with ``extremes``: one run computes the wanted end(s) and the other end's
       extreme (e.g. the top 10 and λ_min); ``extremes`` then costs no product (its
       ``n_hvp`` is 0) and matches a separate run to the tolerance.
-    * ``eigs`` or ``extremes`` with ``density``: when that run is a single-vector run of at
-      least ``--iters`` steps before any restart, its first ``--iters`` steps are the first SLQ
-      run (a Gaussian start vector, as unbiased as a Rademacher one), so ``density`` spends
-      ``(runs - 1) · iters`` products.
-    * ``eigs`` with ``density`` when that run is a block run (two or more values at an end, so
-      its steps are no SLQ run): the run keeps its eigenvectors, and the converged eigenpairs
-      (either end) are deflated from the density (:func:`~hesscli.algorithms.slq.slq`,
-      ``deflate``): they enter as point masses ``1/n`` and SLQ (``runs · iters`` products)
-      estimates the narrower rest of the spectrum, ``(I - U Uᵀ) H (I - U Uᵀ)``. The result's
-      ``deflated`` says how many, and the ``ritz`` rows of those values have a null ``alpha``.
-      A single-vector run keeps serving the first SLQ run instead (it saves ``iters``
-      products; see ``benchmarks.density_deflation`` for the comparison).
+    * ``eigs`` with ``density``: the eigs run keeps its eigenvectors, and its converged
+      eigenpairs (either end) are deflated from the density
+      (:func:`~hesscli.algorithms.slq.slq`, ``deflate``): they enter as point masses ``1/n`` and
+      SLQ (``runs · iters`` products) estimates the narrower rest of the spectrum,
+      ``(I - U Uᵀ) H (I - U Uᵀ)``. The result's ``deflated`` says how many, and the ``ritz`` rows
+      of those values have a null ``alpha``. This is preferred to the first-run sharing below
+      even for a single-vector run: at about equal products the deflated density was closer to
+      the exact one (``benchmarks.density_deflation``, W1).
+    * ``extremes`` with ``density`` (no eigs planned): when its run is a single-vector run of at least ``--iters`` steps before any restart, its first ``--iters``
+      steps are the first SLQ run (a Gaussian start vector, as unbiased as a Rademacher one), so
+      ``density`` spends ``(runs - 1) · iters`` products.
     """
 
     name = "native"
@@ -96,17 +95,19 @@ class NativeBackend:
         density = shared.planned("density", problem) if shared is not None else None
         density_steps = density.iters if density is not None and density.runs >= 1 else 0
         deflating = deflate and density_steps > 0  # the vectors are kept for the density
+        # an eigs run deflates its converged pairs from the density; another run (extremes) gives its
+        # first steps as the first SLQ run when it is a single-vector run
+        keep = density_steps if not deflating and density_steps <= op.size else 0
         run = lanczos_run(op, k=k, which=which, k_smallest=k_smallest, tol=options.tol or None,
                           max_iter=options.max_iter, generator=generator,
-                          return_vectors=return_vectors or deflating,
-                          keep_tridiagonal=density_steps if density_steps <= op.size else 0)
+                          return_vectors=return_vectors or deflating, keep_tridiagonal=keep)
         r = run.result
         if shared is not None and density_steps:
             pairs = _resolved_pairs(r, op.size) if deflating else None
-            if run.alphas is not None:  # a single-vector run: its first steps are an SLQ run
-                shared.put("density", problem, density_steps, (run.alphas, run.betas))
-            elif pairs is not None:
+            if pairs is not None:
                 shared.put("density", problem, DEFLATE, pairs)
+            elif run.alphas is not None:  # a single-vector run: its first steps are an SLQ run
+                shared.put("density", problem, density_steps, (run.alphas, run.betas))
         if deflating and not return_vectors:
             r = dataclasses.replace(r, eigenvectors=None)
         return r

@@ -180,7 +180,10 @@ eigenpairs for ``density`` (seed and curvature are the runner's, the same for bo
 
 def _resolved_pairs(r: EigsResult, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(values [k], vectors [n, k])`` of the converged eigenpairs of an eigs run (either end), or
-    ``None`` when there are none (or all ``n``: nothing would be left to estimate)."""
+    ``None`` when there are none (or all ``n``: nothing would be left to estimate). An
+    unconverged Ritz pair is no eigenpair and is never deflated (see ``slq``'s ``deflate``);
+    a converged one's residual ``r`` is at most about ``sqrt(tol · |λ| · gap)``, and deflating it
+    moves the eigenvalues of the rest by at most ``r``."""
     if r.eigenvectors is None:
         return None
     keep = [i for i, ok in enumerate(r.converged) if ok and math.isfinite(r.eigenvalues[i])]

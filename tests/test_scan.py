@@ -200,8 +200,8 @@ def test_monitor_writes_the_same_rows_as_a_scan(tmp_path):
         pd.testing.assert_frame_equal(live[cols], scan[cols], rtol=1e-9)
 
 
-def test_scan_serves_extremes_and_a_density_run_from_the_eigs_run(run_dir, tmp_path):
-    # one value at each end: a single-vector run, which can also be the density's first SLQ run
+def test_scan_serves_extremes_and_a_deflated_density_from_the_eigs_run(run_dir, tmp_path):
+    # one value at each end: one run serves eigs and extremes, and its converged pairs are deflated from the density
     settings = _settings(run_dir, tmp_path / "o", analyses=("eigs", "extremes", "density"), iters=6, runs=2,
                          max_iter=40, top_k=1)
     report = run_scan(run_dir, settings)
@@ -212,5 +212,6 @@ def test_scan_serves_extremes_and_a_density_run_from_the_eigs_run(run_dir, tmp_p
     assert len(by) == 5
     for outs in by.values():
         assert outs["extremes"].run.n_hvp == 0  # from the eigs run
-        assert outs["eigs"].result.n_iter >= 6
-        assert outs["density"].run.n_hvp == 6  # one fresh SLQ run; the other came from the eigs run
+        assert outs["density"].run.n_hvp == 12  # both SLQ runs, of the deflated operator
+        dens = outs["density"].result
+        assert 1 <= dens.deflated <= 2 and dens.nodes.shape == (2, 6 + dens.deflated)

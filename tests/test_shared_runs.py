@@ -30,8 +30,8 @@ def _settings(**kw) -> Settings:
 @pytest.mark.parametrize("case", [mlp_ce, cnn_bn_ce], ids=["mlp-ce", "cnn-bn-ce"])
 @pytest.mark.parametrize("which", ["largest", "smallest"])
 def test_eigs_extremes_density_share_one_run(case, which, k):
-    """``extremes`` always comes from the eigs run; the density's first SLQ run only from a
-    single-vector run (one value at each end): a block run's steps are no SLQ run."""
+    """``extremes`` always comes from the eigs run, and the eigs run's converged eigenpairs are
+    deflated from the density."""
     problem = case()
     true = torch.linalg.eigvalsh(exact_hessian(problem))
     scale = float(true.abs().max())
@@ -48,24 +48,38 @@ def test_eigs_extremes_density_share_one_run(case, which, k):
     # extremes came from the eigs run: no product of its own, the exact ends all the same
     assert ext.n_hvp == 0 and ext.converged
     assert abs(ext.lambda_max - float(true[-1])) <= 1e-8 * scale and abs(ext.lambda_min - float(true[0])) <= 1e-8 * scale
-    if k == 1:  # density's first run is the first `iters` steps of that run: only runs - 1 cost products
-        assert eigs.n_iter >= settings.iters
-        assert dens.n_hvp == (settings.runs - 1) * settings.iters
-    else:
-        assert dens.n_hvp == settings.runs * settings.iters
-    assert dens.nodes.shape == (3, 12) and torch.allclose(dens.weights.sum(1), torch.ones(3, dtype=torch.float64))
+    # the eigs run's converged pairs (k wanted + the other end's extreme) are deflated from the density
+    assert dens.n_hvp == settings.runs * settings.iters and dens.deflated == k + 1
+    assert dens.nodes.shape == (3, 12 + dens.deflated)
+    assert torch.allclose(dens.weights.sum(1), torch.ones(3, dtype=torch.float64))
 
-    # the same analyses one by one (no plan): same eigenvalues and extremes to the tolerance, and
-    # the density's fresh runs are exactly those of a separate density run with runs - 1
+    # the same analyses one by one (no plan): same eigenvalues and extremes to the tolerance
     alone = NativeBackend()
     sep_ext = analyse(problem, "extremes", settings, backend=alone).result
     assert sep_ext.n_hvp > 0
     assert abs(sep_ext.lambda_min - ext.lambda_min) <= 1e-8 * scale
-    fewer = analyse(problem, "density", dataclasses.replace(settings, runs=2), backend=alone).result
-    if k == 1:
-        assert torch.allclose(dens.nodes[1:], fewer.nodes, atol=1e-12)
-        assert torch.allclose(dens.weights[1:], fewer.weights)
-    # and the shared first run is a valid Gauss quadrature of the Hessian: its first moment is
+    # and each run's measure is a valid quadrature of the Hessian: its first moment lies inside the spectrum
+    for run in range(settings.runs):
+        mean = float((dens.nodes[run] * dens.weights[run]).sum())
+        assert float(true[0]) <= mean <= float(true[-1])
+
+
+@pytest.mark.parametrize("case", [mlp_ce, cnn_bn_ce], ids=["mlp-ce", "cnn-bn-ce"])
+def test_extremes_density_share_the_first_slq_run(case):
+    """Without eigs, the single-vector extremes run gives its first ``iters`` steps as the first SLQ run."""
+    problem = case()
+    true = torch.linalg.eigvalsh(exact_hessian(problem))
+    settings = _settings()
+    shared = _plan(problem, ["extremes", "density"], settings)
+    backend = NativeBackend()
+    ext = analyse(problem, "extremes", settings, backend=backend, shared=shared).result
+    dens = analyse(problem, "density", settings, backend=backend, shared=shared).result
+    assert ext.n_hvp >= settings.iters
+    assert dens.n_hvp == (settings.runs - 1) * settings.iters and dens.deflated == 0
+    fewer = analyse(problem, "density", dataclasses.replace(settings, runs=2), backend=NativeBackend()).result
+    assert torch.allclose(dens.nodes[1:], fewer.nodes, atol=1e-12)
+    assert torch.allclose(dens.weights[1:], fewer.weights)
+    # the shared first run is a valid Gauss quadrature of the Hessian: its first moment is
     # v0ᵀ H v0 for a unit vector, inside the spectrum
     first_mean = float((dens.nodes[0] * dens.weights[0]).sum())
     assert float(true[0]) <= first_mean <= float(true[-1])

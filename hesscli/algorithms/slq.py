@@ -54,6 +54,7 @@ def slq(
     grid: int = 1000,
     block_size: int | None = None,
     first_run: tuple[Tensor, Tensor] | None = None,
+    deflate: tuple[Tensor, Tensor] | None = None,
 ) -> DensityResult:
     """Estimate the eigenvalue density of ``A`` by stochastic Lanczos quadrature.
 
@@ -75,6 +76,23 @@ def slq(
             :func:`hesscli.algorithms.lanczos.lanczos_run`); it is used as run 1 and only
             ``runs - 1`` runs cost products. A normalised Gaussian start vector is uniform on
             the sphere, so its quadrature is as unbiased for the density as a Rademacher one.
+            Ignored when ``deflate`` is given (deflation wins): that run is a run of ``A``, not of
+            the deflated operator, so all ``runs`` runs then cost products.
+        deflate: ``(values [k], vectors [n, k])``: eigenpairs of ``A`` already resolved (e.g. the
+            converged top-k of an eigensolver run), ``vectors`` orthonormal columns ``U``. The
+            density becomes ``(1/n) Σ_{i≤k} δ(λ - values_i)`` plus ``(n-k)/n`` times the SLQ
+            density of the deflated operator ``P A P`` on the complement, ``P = I - U Uᵀ``: the
+            start vectors are normal vectors projected with ``P`` (uniform on the unit sphere of
+            the complement, so each run's quadrature is unbiased for the complement's density;
+            projected Rademacher vectors are not) and every Lanczos vector is reorthogonalised
+            against ``U`` as well as the run's basis, so rounding cannot bring ``U`` back. Every
+            product is then ``P A P v``. The deflated spectrum is narrower, so at equal ``iters``
+            the bulk is resolved better. Only pass eigenpairs with small residuals
+            ``||A u - λ u||`` (converged ones): with ``R = A U - U diag(values)``, ``A`` and
+            ``U diag(values) Uᵀ + P A P`` differ by the off-diagonal blocks ``R Uᵀ + U Rᵀ``, so
+            the measure is off by up to ``||R||``; an unconverged Ritz pair is not an eigenpair,
+            its value is not in the spectrum and its vector mixes in the bulk's eigenvectors,
+            whose mass would then be counted twice or lost. ``k < n`` is required.
 
     Returns:
         :class:`DensityResult` with float64 CPU tensors: ``grid``/``density`` (integrating to 1
@@ -86,6 +104,13 @@ def slq(
         ``alphas`` are padded with that node and its ``betas`` with 0, so the tridiagonal of
         the padded coefficients has the same quadrature. ``n_hvp`` counts the products spent.
         Memory: the ``runs · iters`` Lanczos vectors of size ``size`` (full reorthogonalisation).
+        With ``deflate``, ``nodes``/``weights`` are ``[runs, iters + k]``: in every run, columns
+        ``:iters`` are the quadrature of ``P A P`` with weights scaled by ``(n-k)/n`` and columns
+        ``iters:`` the ``k`` deflated values with weight ``1/n`` each (each run still sums to 1,
+        and so does the mean over runs); ``alphas``/``betas`` are those of ``P A P`` (re-smoothing
+        from them alone loses the deflated values: use ``nodes``/``weights``), ``deflated`` is
+        ``k``, and the default ``sigma`` is the undeflated one for ``iters`` nodes on the padded
+        range of all nodes.
 
     Raises:
         InputError: For non-positive ``iters``, ``runs``, ``block_size`` or ``sigma``, a grid
@@ -108,10 +133,17 @@ def slq(
     if first_run is not None and (tuple(first_run[0].shape) != (iters,) or tuple(first_run[1].shape) != (iters - 1,)):
         raise InputError(f"first_run: expected alphas [{iters}] and betas [{iters - 1}], got "
                          f"{tuple(first_run[0].shape)} and {tuple(first_run[1].shape)}")
+    lock: Tensor | None = None
+    values: Tensor | None = None
+    if deflate is not None:
+        values, lock = _check_deflate(A, deflate)
+        if first_run is not None:
+            logger.debug("SLQ: first_run ignored, deflation wins (that run is not a run of P A P)")
+            first_run = None
     before = A.n_matvecs
     total = runs
     runs = runs - (first_run is not None)  # the runs that cost products
-    alphas, betas, length = _lanczos_runs(A, iters, runs, generator, block_size)
+    alphas, betas, length = _lanczos_runs(A, iters, runs, generator, block_size, lock)
     if first_run is not None:
         alphas = torch.cat([first_run[0].to(torch.float64).cpu().unsqueeze(0), alphas])
         betas = torch.cat([first_run[1].to(torch.float64).cpu().unsqueeze(0), betas])
@@ -126,17 +158,44 @@ def slq(
         nodes[r, :L], nodes[r, L:] = theta, theta[-1]
         weights[r, :L] = S[0] ** 2
         alphas[r, L:] = theta[-1]
+    k = 0
+    if values is not None:
+        n, k = A.size, values.numel()
+        nodes = torch.cat([nodes, values.unsqueeze(0).expand(total, k)], dim=1)
+        weights = torch.cat([weights * ((n - k) / n), torch.full((total, k), 1.0 / n, dtype=torch.float64)], dim=1)
+        if sigma is None:  # the width an undeflated run of `iters` nodes would get on this range
+            lo, hi = float(nodes.min()), float(nodes.max())
+            pad = 0.05 * (hi - lo)
+            sigma = default_sigma(lo - pad, hi + pad, iters) if hi > lo else None
     x, density, sigma = broaden(nodes, weights, sigma=sigma, grid=grid)
     return DensityResult(
         grid=x, density=density, nodes=nodes, weights=weights, alphas=alphas, betas=betas,
-        sigma=sigma, n_hvp=A.n_matvecs - before,
+        sigma=sigma, n_hvp=A.n_matvecs - before, deflated=k,
     )
 
 
+def _check_deflate(A: CurvatureOperator, deflate: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(values [k] float64 CPU, U [n, k] orthonormal in A's dtype and device)``."""
+    values, vectors = deflate
+    values = values.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+    k = values.numel()
+    if vectors.ndim != 2 or tuple(vectors.shape) != (A.size, k) or not 1 <= k < A.size:
+        raise InputError(f"deflate: expected values [k] and vectors [{A.size}, k] with 1 <= k < {A.size}, got "
+                         f"{tuple(values.shape)} and {tuple(vectors.shape)}")
+    if not bool(torch.isfinite(values).all()) or not bool(torch.isfinite(vectors).all()):
+        raise InputError("deflate: values and vectors must be finite")
+    U = vectors.detach().to(device=A.device, dtype=A.dtype)
+    U, _ = torch.linalg.qr(U)  # orthonormal to working precision (the span is kept)
+    return values, U
+
+
 def _lanczos_runs(A: CurvatureOperator, iters: int, runs: int, generator: torch.Generator,
-                  block_size: int | None) -> tuple[Tensor, Tensor, list[int]]:
+                  block_size: int | None, lock: Tensor | None = None) -> tuple[Tensor, Tensor, list[int]]:
     """``runs`` fully reorthogonalised Lanczos runs from Rademacher vectors, advanced together:
-    ``alphas [runs, iters]``, ``betas [runs, iters - 1]`` and the steps each run completed."""
+    ``alphas [runs, iters]``, ``betas [runs, iters - 1]`` and the steps each run completed.
+
+    With ``lock`` (orthonormal ``[n, k]``), runs of ``P A P``, ``P = I - lock lockᵀ``: normal start
+    vectors projected with ``P``, and every new vector orthogonalised against ``lock`` too."""
     n, dtype, device = A.size, A.dtype, A.device
     if runs == 0:
         return (torch.zeros(0, iters, dtype=torch.float64), torch.zeros(0, max(iters - 1, 0), dtype=torch.float64), [])
@@ -144,7 +203,12 @@ def _lanczos_runs(A: CurvatureOperator, iters: int, runs: int, generator: torch.
     tiny = breakdown_tol(dtype)
 
     basis = torch.empty(runs, iters, n, dtype=dtype, device=device)
-    z = probes(n, runs, generator=generator, dtype=dtype, device=device)
+    if lock is None:
+        z = probes(n, runs, generator=generator, dtype=dtype, device=device)
+    else:
+        z = probes(n, runs, generator=generator, dtype=dtype, device=device, distribution="normal")
+        for _ in range(2):
+            z -= lock @ (lock.T @ z)
     basis[:, 0] = (z / torch.linalg.vector_norm(z, dim=0)).T
     del z
     alphas = torch.zeros(runs, iters, dtype=torch.float64)
@@ -161,8 +225,12 @@ def _lanczos_runs(A: CurvatureOperator, iters: int, runs: int, generator: torch.
         w[active] = w_active.T.to(dtype)
         del cols, w_active
         Vj = basis[:, : j + 1]  # [runs, j + 1, n]
+        if lock is not None:
+            w -= (w @ lock) @ lock.T
         h = torch.bmm(Vj, w.unsqueeze(2))
         w -= torch.bmm(Vj.transpose(1, 2), h).squeeze(2)
+        if lock is not None:
+            w -= (w @ lock) @ lock.T
         h2 = torch.bmm(Vj, w.unsqueeze(2))
         w -= torch.bmm(Vj.transpose(1, 2), h2).squeeze(2)
         alpha = (h + h2)[:, j, 0]

@@ -89,7 +89,8 @@ class Density(Analysis):
 
     def rows(self, run: RunInfo, r: DensityResult) -> dict[str, list[dict[str, Any]]]:
         """The broadened curve (``density``) and the nodes, weights and Lanczos coefficients of every
-        SLQ run (``ritz``; ``beta`` is null on each run's last index)."""
+        SLQ run (``ritz``; ``beta`` is null on each run's last index; after deflation each run's
+        last ``deflated`` rows are the deflated eigenvalues, weight ``1/n``, ``alpha`` and ``beta`` null)."""
         from hesscli.results.tables import floats, key_columns
 
         grid, density = floats(r.grid), floats(r.density)
@@ -117,7 +118,8 @@ class Density(Analysis):
         grid = r.grid.detach().to("cpu", torch.float64).reshape(-1).tolist()
         dens = r.density.detach().to("cpu", torch.float64).reshape(-1).tolist()
         nodes = r.nodes if r.nodes.ndim == 2 else r.nodes.reshape(1, -1)
-        n_runs, n_iters = int(nodes.shape[0]), int(nodes.shape[1])
+        deflated = int(getattr(r, "deflated", 0))
+        n_runs, n_iters = int(nodes.shape[0]), int(nodes.shape[1]) - deflated
         lo, hi = (grid[0], grid[-1]) if grid else (math.nan, math.nan)
         peak = max((v for v in dens if math.isfinite(v)), default=0.0)
         pooled = [v if v >= peak * FLOOR else math.nan for v in _pooled_max(dens, SPARK_WIDTH)]
@@ -127,5 +129,6 @@ class Density(Analysis):
             ("λ", Text(_axis(lo, hi, width), style="dim")),
             ("range", f"[{num(lo)}, {num(hi)}]"),
             ("σ", num(r.sigma, ".3g")),
-            ("SLQ", f"{n_runs} runs × {n_iters} iters · {r.n_hvp:,} HVPs"),
+            ("SLQ", f"{n_runs} runs × {n_iters} iters · {r.n_hvp:,} HVPs"
+                    + (f" · {deflated} resolved eigenvalues deflated" if deflated else "")),
         ])

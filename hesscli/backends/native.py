@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -40,10 +41,17 @@ class NativeBackend:
     * ``eigs`` with ``extremes``: one run computes the wanted end(s) and the other end's
       extreme (e.g. the top 10 and λ_min); ``extremes`` then costs no product (its
       ``n_hvp`` is 0) and matches a separate run to the tolerance.
-    * ``eigs`` or ``extremes`` with ``density``: when that run is a single-vector run of at
-      least ``--iters`` steps before any restart, its first ``--iters`` steps are the first SLQ
-      run (a Gaussian start vector, as unbiased as a Rademacher one), so ``density`` spends
-      ``(runs - 1) · iters`` products.
+    * ``eigs`` with ``density``: the eigs run keeps its eigenvectors, and its converged
+      eigenpairs (either end) are deflated from the density
+      (:func:`~hesscli.algorithms.slq.slq`, ``deflate``): they enter as point masses ``1/n`` and
+      SLQ (``runs · iters`` products) estimates the narrower rest of the spectrum,
+      ``(I - U Uᵀ) H (I - U Uᵀ)``. The result's ``deflated`` says how many, and the ``ritz`` rows
+      of those values have a null ``alpha``. This is preferred to the first-run sharing below
+      even for a single-vector run: at about equal products the deflated density was closer to
+      the exact one (``benchmarks.density_deflation``, W1).
+    * ``extremes`` with ``density`` (no eigs planned): when its run is a single-vector run of at least ``--iters`` steps before any restart, its first ``--iters``
+      steps are the first SLQ run (a Gaussian start vector, as unbiased as a Rademacher one), so
+      ``density`` spends ``(runs - 1) · iters`` products.
     """
 
     name = "native"
@@ -82,16 +90,27 @@ class NativeBackend:
     # ------------------------------------------------------------------ shared runs
     def _lanczos(self, problem: Problem, options: EigsOptions | ExtremesOptions, generator: torch.Generator, *,
                  k: int, which: str, k_smallest: int | None = None, return_vectors: bool = False,
-                 shared: SharedRuns | None = None) -> EigsResult:
+                 shared: SharedRuns | None = None, deflate: bool = False) -> EigsResult:
         op = self.operator(problem)
         density = shared.planned("density", problem) if shared is not None else None
         density_steps = density.iters if density is not None and density.runs >= 1 else 0
+        deflating = deflate and density_steps > 0  # the vectors are kept for the density
+        # an eigs run deflates its converged pairs from the density; another run (extremes) gives its
+        # first steps as the first SLQ run when it is a single-vector run
+        keep = density_steps if not deflating and density_steps <= op.size else 0
         run = lanczos_run(op, k=k, which=which, k_smallest=k_smallest, tol=options.tol or None,
-                          max_iter=options.max_iter, generator=generator, return_vectors=return_vectors,
-                          keep_tridiagonal=density_steps if density_steps <= op.size else 0)
-        if run.alphas is not None and shared is not None:
-            shared.put("density", problem, density_steps, (run.alphas, run.betas))
-        return run.result
+                          max_iter=options.max_iter, generator=generator,
+                          return_vectors=return_vectors or deflating, keep_tridiagonal=keep)
+        r = run.result
+        if shared is not None and density_steps:
+            pairs = _resolved_pairs(r, op.size) if deflating else None
+            if pairs is not None:
+                shared.put("density", problem, DEFLATE, pairs)
+            elif run.alphas is not None:  # a single-vector run: its first steps are an SLQ run
+                shared.put("density", problem, density_steps, (run.alphas, run.betas))
+        if deflating and not return_vectors:
+            r = dataclasses.replace(r, eigenvectors=None)
+        return r
 
     def trace(self, problem: Problem, options: TraceOptions, generator: torch.Generator, *,
               shared: SharedRuns | None = None) -> TraceResult:
@@ -116,14 +135,14 @@ class NativeBackend:
         key = (options.tol, options.max_iter)
         if extremes is None or which == "both":
             r = self._lanczos(problem, options, generator, k=k, which=which, return_vectors=options.save_vectors,
-                              shared=shared)
+                              shared=shared, deflate=True)
             if which == "both" and extremes is not None and shared is not None:
                 shared.put("extremes", problem, key, extremes_of(r, n_hvp=0))
             return r
         # one run for the wanted end and the other end's extreme
         k_top, k_bottom = (k, 1) if which == "largest" else (1, k)
         r = self._lanczos(problem, options, generator, k=k_top, which="both", k_smallest=k_bottom,
-                          return_vectors=options.save_vectors, shared=shared)
+                          return_vectors=options.save_vectors, shared=shared, deflate=True)
         if shared is not None:
             shared.put("extremes", problem, key, extremes_of(r, n_hvp=0))
         keep = [i for i, w in enumerate(r.which) if w == which]
@@ -146,6 +165,29 @@ class NativeBackend:
     def density(self, problem: Problem, options: DensityOptions, generator: torch.Generator, *,
                 shared: SharedRuns | None = None) -> DensityResult:
         op = self.operator(problem)
-        first = shared.take("density", problem, options.iters) if shared is not None else None
+        first = deflate = None
+        if shared is not None:
+            deflate = shared.take("density", problem, DEFLATE)
+            first = shared.take("density", problem, options.iters) if deflate is None else None
         return slq(op, iters=options.iters, runs=options.runs, generator=generator, sigma=options.sigma,
-                   grid=options.grid, first_run=first)
+                   grid=options.grid, first_run=first, deflate=deflate)
+
+
+DEFLATE = "deflate"
+"""The :class:`~hesscli.runner.SharedRuns` key under which an ``eigs`` run leaves its resolved
+eigenpairs for ``density`` (seed and curvature are the runner's, the same for both)."""
+
+
+def _resolved_pairs(r: EigsResult, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(values [k], vectors [n, k])`` of the converged eigenpairs of an eigs run (either end), or
+    ``None`` when there are none (or all ``n``: nothing would be left to estimate). An
+    unconverged Ritz pair is no eigenpair and is never deflated (see ``slq``'s ``deflate``);
+    a converged one's residual ``r`` is at most about ``sqrt(tol · |λ| · gap)``, and deflating it
+    moves the eigenvalues of the rest by at most ``r``."""
+    if r.eigenvectors is None:
+        return None
+    keep = [i for i, ok in enumerate(r.converged) if ok and math.isfinite(r.eigenvalues[i])]
+    if not keep or len(keep) >= n:
+        return None
+    values = torch.tensor([r.eigenvalues[i] for i in keep], dtype=torch.float64)
+    return values, r.eigenvectors[:, keep]

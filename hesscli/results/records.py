@@ -118,6 +118,10 @@ class DensityResult:
         alphas, betas: ``[runs, iters]`` / ``[runs, iters-1]`` Lanczos coefficients, so a
             density can be re-smoothed without new products.
         sigma: the broadening used.
+        deflated: how many resolved eigenvalues were deflated (0: plain SLQ). When ``k > 0``,
+            ``nodes``/``weights`` are ``[runs, iters + k]``, their last ``k`` columns the deflated
+            values with weight ``1/n_params`` (rows of the ``ritz`` table with a null ``alpha``),
+            see :func:`hesscli.algorithms.slq.slq`.
     """
 
     grid: torch.Tensor
@@ -128,6 +132,7 @@ class DensityResult:
     betas: torch.Tensor
     sigma: float
     n_hvp: int
+    deflated: int = 0
 
 
 @dataclass(frozen=True)

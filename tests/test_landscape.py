@@ -106,7 +106,7 @@ def test_saved_eigenvectors_are_read_back_and_random_directions_repeat_across_ch
     fresh = json.loads(runner.invoke(app, ["landscape", *common, "--directions", "eigs", "--steps", "5"]).stdout)
     read = json.loads(runner.invoke(app, ["landscape", *common, "--directions", "eigs", "--steps", "5",
                                           "--vectors", saved]).stdout)
-    assert read["result"]["n_hvp"] == 0 and fresh["result"]["n_hvp"] > 0
+    assert read["result"]["n_hvp"] == 1 and fresh["result"]["n_hvp"] > 1  # vᵀHv at this checkpoint: one product
     assert read["result"]["eigenvalues"] == pytest.approx(fresh["result"]["eigenvalues"][:1], rel=1e-8)
     got, want = read["result"]["loss"][0], fresh["result"]["loss"][0]  # an eigenvector's sign is arbitrary
     assert got == pytest.approx(want, rel=1e-6) or got == pytest.approx(want[::-1], rel=1e-6)
@@ -127,6 +127,8 @@ def test_saved_eigenvectors_are_read_back_and_random_directions_repeat_across_ch
     (["--dims", "3"], "--dims 3 is not one of 1|2"),
     (["--vectors", "x.pt"], "--vectors reads eigenvectors"),
     (["--normalize", "rows"], "is not one of filter|layer|none"),
+    (["--directions", "eigs", "--normalize", "layer"], "--normalize and --ignore rescale random directions"),
+    (["--directions", "eigs", "--ignore", "bias-bn"], "--normalize and --ignore rescale random directions"),
 ])
 def test_bad_landscape_options_are_one_line_exit_2(tmp_path, capsys, args, message):
     f = _files(tmp_path)
@@ -195,3 +197,23 @@ def test_json_output_leaves_the_directions_to_the_vectors_file(tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)["result"]
     assert "directions" not in doc and len(doc["loss"][0]) == 3 and doc["n_forward"] == 4
+
+
+def test_vectors_from_another_checkpoint_get_this_checkpoints_curvature(tmp_path):
+    f = _files(tmp_path)
+    out = tmp_path / "out"
+    first, second = (str(Path(f["run"]) / f"ckpt_{s:06d}.pt") for s in (100, 200))
+    common = ["--model", f["model"], "--data", f["data"], "--out", str(out), "--dtype", "float64", "--json"]
+    low = runner.invoke(app, ["eigs", first, *common, "--top-k", "2", "--which", "smallest", "--save-vectors"])
+    refused = runner.invoke(app, ["landscape", second, *common, "--directions", "eigs", "--steps", "3",
+                                  "--vectors", json.loads(low.stdout)["eigenvectors_path"]])
+    assert isinstance(refused.exception, hesscli.InputError)  # main() maps it to exit 2
+    assert "eigenvectors of the largest eigenvalues" in str(refused.exception)
+    top = json.loads(runner.invoke(app, ["eigs", first, *common, "--top-k", "1", "--save-vectors"]).stdout)
+    here = json.loads(runner.invoke(app, ["eigs", second, *common, "--top-k", "1"]).stdout)["result"]
+    doc = json.loads(runner.invoke(app, ["landscape", second, *common, "--directions", "eigs", "--steps", "3",
+                                         "--vectors", top["eigenvectors_path"]]).stdout)["result"]
+    # the first checkpoint's top eigenvector, its curvature measured on the second checkpoint: a Rayleigh
+    # quotient there (at most that checkpoint's λ_max), not the first checkpoint's eigenvalue
+    assert doc["eigenvalues"][0] != pytest.approx(top["result"]["eigenvalues"][0], rel=1e-6)
+    assert doc["eigenvalues"][0] <= here["eigenvalues"][0] * (1 + 1e-9)

@@ -40,10 +40,10 @@ class LandscapeOptions:
                         help="Grid points per axis over [-span, span]. Default 21.")
     span: float = option(1.0, positive=True, minimum=0.0, metavar="S", panel=ANALYSIS,
                          help="Half-width of the grid in units of the direction. Default 1.")
-    normalize: str = option("filter", choices=("filter", "layer", "none"), metavar="filter|layer|none",
-                            panel=ANALYSIS, help=(
+    normalize: str | None = option(None, choices=("filter", "layer", "none"), metavar="filter|layer|none",
+                                   panel=ANALYSIS, help=(
         "Random directions: filter (default, Li et al. 2018: each filter scaled to the weights' filter norm) | "
-        "layer (each tensor to the weights' norm) | none."))
+        "layer (each tensor to the weights' norm) | none. Eigenvectors are unit vectors and are not rescaled."))
     ignore: str | None = option(None, choices=("bias-bn",), metavar="bias-bn", panel=ANALYSIS, help=(
         "bias-bn: leave biases and BatchNorm/LayerNorm parameters (tensors of at most one dimension) "
         "unperturbed."))
@@ -79,6 +79,9 @@ class Landscape(Analysis):
     def validate(self, options: LandscapeOptions) -> None:
         if options.vectors is not None and options.directions != "eigs":
             raise InputError("--vectors reads eigenvectors: use it with --directions eigs")
+        if options.directions == "eigs" and (options.normalize is not None or options.ignore is not None):
+            raise InputError("--normalize and --ignore rescale random directions; eigenvectors are unit vectors: "
+                             "drop them or use --directions random")
 
     def check(self, backend: Backend, options: LandscapeOptions, curvature: str) -> None:
         self.validate(options)
@@ -101,7 +104,7 @@ class Landscape(Analysis):
 
     # ------------------------------------------------------------------ computing
     def _eigenvectors(self, backend: Backend, problem: Problem, options: LandscapeOptions,
-                      generator: torch.Generator) -> tuple[torch.Tensor, tuple[float, ...], int]:
+                      generator: torch.Generator) -> tuple[torch.Tensor, tuple[float, ...] | None, int]:
         """``([k, P] unit directions, their eigenvalues, products spent)``."""
         import torch
 
@@ -111,11 +114,17 @@ class Landscape(Analysis):
                 vectors, values = saved["eigenvectors"], saved["eigenvalues"]
             except (OSError, RuntimeError, KeyError, TypeError) as e:
                 raise InputError(f"--vectors {options.vectors}: not a file written by --save-vectors ({e})") from e
-            if vectors.ndim != 2 or vectors.shape[0] != problem.n_params or vectors.shape[1] < options.dims:
-                raise InputError(f"--vectors {options.vectors}: holds {list(vectors.shape)} vectors; this problem "
-                                 f"needs at least {options.dims} of length {problem.n_params} (same --params)")
-            d = vectors[:, : options.dims].T.to(problem.device, problem.dtype)
-            return d / d.norm(dim=1, keepdim=True), tuple(float(v) for v in values[: options.dims]), 0
+            largest = [i for i, w in enumerate(saved.get("which", ())) if w == "largest"][: options.dims]
+            if vectors.ndim != 2 or vectors.shape[0] != problem.n_params or len(largest) < options.dims:
+                raise InputError(f"--vectors {options.vectors}: holds {len(largest)} eigenvectors of the largest "
+                                 f"eigenvalues of length {vectors.shape[0] if vectors.ndim == 2 else '?'}; this "
+                                 f"problem needs {options.dims} of length {problem.n_params} (eigs --which largest "
+                                 f"or both, --top-k {options.dims} or more, the same --params)")
+            d = vectors[:, largest].T.to(problem.device, problem.dtype)
+            d = d / d.norm(dim=1, keepdim=True)
+            curvatures, n_hvp = self._curvatures(backend, problem, d, [float(values[i]) for i in largest],
+                                                 str(saved.get("checkpoint", "")))
+            return d, curvatures, n_hvp
         from hesscli.analyses.eigs import EigsOptions
 
         wanted = EigsOptions(top_k=options.dims, which="largest", tol=options.tol, max_iter=options.max_iter,
@@ -125,6 +134,20 @@ class Landscape(Analysis):
             raise UnsupportedAnalysis(f"--backend {backend.name} returned no eigenvectors")
         d = r.eigenvectors.T.to(problem.device, problem.dtype)
         return d / d.norm(dim=1, keepdim=True), tuple(r.eigenvalues), int(r.n_hvp)
+
+    @staticmethod
+    def _curvatures(backend: Backend, problem: Problem, d: torch.Tensor, saved: list[float],
+                    source: str) -> tuple[tuple[float, ...] | None, int]:
+        """The curvature ``dᵀ H d`` along each read direction at *this* checkpoint (the native
+        engine: one product each), so the quadratic model is this checkpoint's; other backends keep
+        the saved eigenvalues only when the file was computed from this checkpoint."""
+        from hesscli.results.fileops import path_text
+
+        operator = getattr(backend, "operator", None)
+        if backend.name == "native" and operator is not None:
+            Hd = operator(problem).matmat(d.T)
+            return tuple(float(v) for v in (d.T * Hd).sum(0)), int(d.shape[0])
+        return (tuple(saved) if source == path_text(problem.checkpoint.source) else None), 0
 
     def run(self, backend: Backend, problem: Problem, options: LandscapeOptions, generator: torch.Generator,
             shared: SharedRuns | None = None) -> LandscapeResult:
@@ -137,9 +160,10 @@ class Landscape(Analysis):
             directions, eigenvalues, n_hvp = self._eigenvectors(backend, problem, options, generator)
             normalize = "none"
         else:
+            normalize = options.normalize or "filter"
             directions = torch.stack(random_directions(problem.params, options.dims, generator,
-                                                       normalize=options.normalize, ignore=options.ignore))
-            eigenvalues, n_hvp, normalize = None, 0, options.normalize
+                                                       normalize=normalize, ignore=options.ignore))
+            eigenvalues, n_hvp = None, 0
         alphas, betas = grid(options.span, options.steps, options.dims)
 
         def progress(n: int) -> None:

@@ -9,6 +9,7 @@ import torch: heavy imports go inside the methods.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from hesscli.errors import UnsupportedAnalysis
@@ -31,7 +32,7 @@ RESUME_PROBLEM_KEYS: tuple[str, ...] = ("backend", "curvature", "params", "loss"
 """Problem and engine options that change every analysis's numbers (part of every resume key)."""
 
 
-class Analysis:
+class Analysis(ABC):
     """Base class of an analysis plug-in; one instance per analysis in :data:`hesscli.analyses.REGISTRY`.
 
     Class attributes:
@@ -84,7 +85,8 @@ class Analysis:
     # ------------------------------------------------------------------ backend
     def validate(self, options: Any) -> None:
         """Refuse combinations of options that cannot go together, before anything is loaded
-        (single values are checked where they are declared)."""
+        (single values are checked where they are declared). By default every combination is valid."""
+        return None
 
     def check(self, backend: Backend, options: Any, curvature: str) -> None:
         """Refuse, before any work, what ``backend`` cannot do for these options (exit 2 with what it can)."""
@@ -113,22 +115,26 @@ class Analysis:
             return method(problem, options, generator, shared=shared)
         return method(problem, options, generator)
 
+    @abstractmethod
     def expected_products(self, options: Any, n_params: int) -> int:
         """A budget for progress bars (iterative methods may stop earlier)."""
-        raise NotImplementedError
+        ...
 
     # ------------------------------------------------------------------ results
+    @abstractmethod
     def schemas(self) -> dict[str, pa.Schema]:
         """Arrow schema of each table in :attr:`tables` (without the ``run_id, checkpoint, step`` key)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def rows(self, run: RunInfo, result: Any) -> dict[str, list[dict[str, Any]]]:
         """Table rows of one result."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def render(self, result: Any) -> RenderableType:
         """The body of the console panel of one result."""
-        raise NotImplementedError
+        ...
 
     def __repr__(self) -> str:
         return f"<analysis {self.name}>"

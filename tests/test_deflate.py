@@ -17,7 +17,6 @@ from hesscli.config import Settings
 from hesscli.errors import InputError
 from hesscli.operators.base import DenseOperator
 from hesscli.runner import SharedRuns
-
 from tests.cases import mlp_ce
 from tests.dense import F64, gen, symmetric
 from tests.reference import exact_hessian

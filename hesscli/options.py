@@ -154,7 +154,8 @@ class EngineOptions:
 # ------------------------------------------------------------------------------------ run
 @dataclass(frozen=True)
 class RunOptions:
-    """Where results go and how a run behaves; never changes a number."""
+    """Where results go and how a run behaves; never changes a number beyond its stated error (a scan's
+    warm start changes where Lanczos and Hutch++ start, not what they guarantee)."""
 
     out: Path = option(Path("hesscli-results"), metavar="DIR", panel=OUTPUT,
                        help="Results folder (Parquet tables). Default ./hesscli-results.")
@@ -167,6 +168,9 @@ class RunOptions:
     # scan
     analyses: tuple[str, ...] = option(("trace", "eigs", "extremes", "density"), cli=False, panel=SCAN,
                                        help="Analyses of a scan (comma-separated).")
+    warm_start: bool = option(True, negatable=True, resume=False, panel=SCAN, help=(
+        "Start each checkpoint's Lanczos run from the previous checkpoint's Ritz vectors and its Hutch++ sketch "
+        "from the previous products (default on); bounds and flags are measured on each checkpoint as cold."))
     glob: str = option("*", metavar="PATTERN", panel=SCAN, help="File pattern inside the folder, e.g. 'ckpt_*.pt'.")
     resume: bool = option(True, negatable=True, panel=SCAN,
                           help="Skip (checkpoint content, analysis, options) already done (default on).")

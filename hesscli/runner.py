@@ -19,9 +19,40 @@ from hesscli.errors import HesscliError
 from hesscli.loading.problem import Problem
 from hesscli.results.records import Outcome
 
-__all__ = ["SharedRuns", "CheckpointRunner", "error_text"]
+__all__ = ["WarmStarts", "SharedRuns", "CheckpointRunner", "error_text"]
 
 logger = logging.getLogger(__name__)
+
+
+class WarmStarts:
+    """What one checkpoint's runs leave for the same runs on the next checkpoint of a series.
+
+    A scan (or the monitor) analyses checkpoints of one training run whose Hessians change
+    slowly; a backend that can use them (the native one) starts each checkpoint's Lanczos run
+    from the previous checkpoint's Ritz vectors and its Hutch++ sketch from the previous
+    products ``A Q``. Items are kept under a key naming the run (the analysis and the options
+    that shape it) and are only handed out for an operator of the same size; anything else
+    starts cold. Warm starts change where a run starts, never what it reports: bounds and
+    flags are measured on each checkpoint as in a cold run.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[object, Any] = {}
+
+    def get(self, key: object, size: int) -> Any:
+        """What the last run under ``key`` left, when it was for an operator of ``size``, else ``None``."""
+        item = self._items.get(key)
+        return item[1] if item is not None and item[0] == size else None
+
+    def put(self, key: object, size: int, value: Any) -> None:
+        """Leave ``value`` (or forget ``key`` when ``None``) for the next checkpoint."""
+        if value is None:
+            self._items.pop(key, None)
+        else:
+            self._items[key] = (size, value)
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 class SharedRuns:
@@ -33,8 +64,9 @@ class SharedRuns:
     to another problem or to different options.
     """
 
-    def __init__(self, problem: Problem, planned: dict[str, Any]) -> None:
+    def __init__(self, problem: Problem, planned: dict[str, Any], warm: WarmStarts | None = None) -> None:
         self.problem = problem
+        self.warm = warm  # what the previous checkpoint of a series left (None: start cold)
         self._planned = dict(planned)
         self._items: dict[str, tuple[object, object]] = {}
 
@@ -70,6 +102,9 @@ class CheckpointRunner:
         reduce: all-reduce for products under torch.distributed.
         on_matvecs: product-count callback.
 
+    Checkpoints are analysed as a series: unless ``settings.warm_start`` is off, each one's
+    Lanczos and Hutch++ runs start from what the previous checkpoint's left (:class:`WarmStarts`).
+
     Raises:
         InputError: an unknown analysis or something the backend cannot do (before any work).
         BackendUnavailable: the backend's library is missing.
@@ -82,6 +117,7 @@ class CheckpointRunner:
         self.reduce = reduce
         self.backend: Backend = get_backend(settings.engine, reduce=reduce, on_matvecs=on_matvecs)
         self.options = {a.name: a.defaults_for(self.backend, a.options(settings)) for a in self.analyses}
+        self.warm = WarmStarts() if getattr(settings, "warm_start", True) else None
         for a in self.analyses:  # refuse what the backend cannot do before touching any checkpoint
             a.validate(self.options[a.name])
             a.check(self.backend, self.options[a.name], settings.curvature)
@@ -114,7 +150,7 @@ class CheckpointRunner:
         from hesscli.api import analyse
 
         todo = [a for a in self.names if analyses is None or a in analyses]
-        shared = SharedRuns(problem, {a: self.options[a] for a in todo})
+        shared = SharedRuns(problem, {a: self.options[a] for a in todo}, warm=self.warm)
         outcomes: list[Outcome] = []
         ck = problem.checkpoint
         for name in todo:

@@ -10,6 +10,8 @@ networks) the error shrinks like ``1/m`` in the number of products ``m`` instead
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,7 @@ from hesscli.algorithms.sampling import check_generator, probes
 from hesscli.operators.base import CurvatureOperator
 from hesscli.results.records import TraceResult
 
-__all__ = ["hutchpp"]
+__all__ = ["hutchpp", "hutchpp_run", "HutchppRun"]
 
 
 def hutchpp(
@@ -28,6 +30,7 @@ def hutchpp(
     generator: torch.Generator,
     block_size: int = 16,
     confidence: float = 0.95,
+    sketch: Tensor | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` with Hutch++ under a budget of ``n_matvecs`` products.
 
@@ -59,6 +62,8 @@ def hutchpp(
             :func:`~hesscli.algorithms.hutchinson.hutchinson`). Memory is the sketch and its
             ``Q`` (``m / 3`` vectors each) while ``Q`` is formed, then ``Q`` plus a few blocks.
         confidence: Coverage of the interval.
+        sketch: ``[size, m // 3]``: a sketch from elsewhere in place of ``A S`` (see
+            :func:`hutchpp_run`); ``None`` (default) multiplies a fresh ``S``.
 
     Returns:
         :class:`TraceResult` with ``method="hutch++"``; ``n_probes`` counts the vectors
@@ -75,13 +80,55 @@ def hutchpp(
         >>> round(r.estimate, 6), r.n_hvp
         (101.01, 9)
     """
+    return hutchpp_run(A, n_matvecs=n_matvecs, generator=generator, block_size=block_size, confidence=confidence,
+                       sketch=sketch).result
+
+
+@dataclass(frozen=True)
+class HutchppRun:
+    """A Hutch++ estimate and, on request, the products ``A Q`` of its basis: a sketch for the
+    next, slightly different operator (:func:`hutchpp_run`)."""
+
+    result: TraceResult
+    next_sketch: Tensor | None = None
+
+
+def hutchpp_run(
+    A: CurvatureOperator,
+    *,
+    n_matvecs: int,
+    generator: torch.Generator,
+    block_size: int = 16,
+    confidence: float = 0.95,
+    sketch: Tensor | None = None,
+    keep_sketch: bool = False,
+) -> HutchppRun:
+    """:func:`hutchpp`, with a sketch carried from one operator to the next (a series of checkpoints).
+
+    With ``sketch`` (``[size, s]``, ``s = n_matvecs // 3``, e.g. the ``next_sketch`` of the previous
+    checkpoint's run), ``Q = orth(sketch)`` replaces ``orth(A S)``: the ``s`` sketch products are
+    not spent, and the residual gets ``n_matvecs - s`` probes instead of about ``m / 3``. The
+    estimate stays unbiased, since the residual probes are drawn independently of ``Q`` (``S`` is
+    still drawn, and dropped, so the residual probes are those of a cold run: common random
+    numbers along a series). With ``keep_sketch``, the run returns ``A Q`` (products it makes
+    anyway, ``s`` more vectors of memory): carried along a series, ``Q`` then takes one step of
+    subspace iteration per checkpoint and approaches the dominant eigenvectors, so the residual
+    holds less of the trace and its probes more of the budget. A sketch of another shape, or
+    not finite, is ignored (a cold run).
+
+    Returns:
+        :class:`HutchppRun`.
+
+    Raises:
+        InputError: As :func:`hutchpp`.
+    """
     _check_count("n_matvecs", n_matvecs)
     _check_count("block_size", block_size)
     _check_confidence(confidence)
     check_generator(generator)
     if n_matvecs < 3:
-        result = hutchinson(A, n_probes=n_matvecs, generator=generator, block_size=block_size, confidence=confidence)
-        return result
+        return HutchppRun(hutchinson(A, n_probes=n_matvecs, generator=generator, block_size=block_size,
+                                     confidence=confidence))
     groups = GroupSums(A)
     before = A.n_matvecs
     n, s = A.size, n_matvecs // 3
@@ -89,14 +136,18 @@ def hutchpp(
     def draw(b: int) -> Tensor:
         return probes(n, b, generator=generator, dtype=A.dtype, device=A.device)
 
-    # Sketch: Y = A S, drawn and multiplied block by block.
-    Y = torch.empty(n, s, dtype=A.dtype, device=A.device)
+    warm = sketch is not None and tuple(sketch.shape) == (n, s) and bool(torch.isfinite(sketch).all())
+    # Sketch: Y = A S, drawn and multiplied block by block (drawn only, when a sketch is given).
+    Y = sketch.to(device=A.device, dtype=A.dtype) if warm else torch.empty(n, s, dtype=A.dtype, device=A.device)
     for c in range(0, s, block_size):
         b = min(block_size, s - c)
-        Y[:, c:c + b] = A.matmat(draw(b))
+        S = draw(b)
+        if not warm:
+            Y[:, c:c + b] = A.matmat(S)
     Q = torch.linalg.qr(Y).Q  # [n, min(n, s)]: when s > n, Q spans everything
     del Y
-    n_residual = n_matvecs - s - Q.shape[1]
+    n_residual = n_matvecs - Q.shape[1] - (0 if warm else s)
+    AQ = torch.empty_like(Q) if keep_sketch else None
 
     # Exact part: the diagonal of P A + (I - P) A P with P = QQᵀ, whose trace is tr(Qᵀ A Q); per
     # group, rows of Q ∘ AQ plus rows of Q ∘ W with W = (I - P) A Q.
@@ -106,6 +157,8 @@ def hutchpp(
     for c in range(0, Q.shape[1], block_size):
         Qc = Q[:, c:c + block_size]
         AQc = A.matmat(Qc)
+        if AQ is not None:
+            AQ[:, c:c + block_size] = AQc
         QM = Q @ (Q.T @ AQc)  # before AQc is changed in place
         AQc.mul_(2).sub_(QM).mul_(Qc)
         part = groups(AQc).sum(1)
@@ -123,7 +176,8 @@ def hutchpp(
         blocks.append(groups(G.mul_(R)))
         del R, G
     samples = torch.cat(blocks, dim=1).cpu()
-    return trace_result(
+    result = trace_result(
         samples, groups, confidence, offset=exact, method="hutch++",
         n_probes=n_matvecs, n_hvp=A.n_matvecs - before,
     )
+    return HutchppRun(result, AQ)

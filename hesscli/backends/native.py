@@ -11,7 +11,7 @@ import torch
 
 from hesscli.algorithms.exact import exact_trace
 from hesscli.algorithms.hutchinson import hutchinson
-from hesscli.algorithms.hutchpp import hutchpp
+from hesscli.algorithms.hutchpp import hutchpp_run
 from hesscli.algorithms.lanczos import extremes_of, lanczos_run
 from hesscli.algorithms.slq import slq
 from hesscli.backends.base import Capabilities, Reduce
@@ -52,6 +52,13 @@ class NativeBackend:
     * ``extremes`` with ``density`` (no eigs planned): when its run is a single-vector run of at least ``--iters`` steps before any restart, its first ``--iters``
       steps are the first SLQ run (a Gaussian start vector, as unbiased as a Rademacher one), so
       ``density`` spends ``(runs - 1) · iters`` products.
+
+    Along a series of checkpoints (a :class:`~hesscli.runner.SharedRuns` with ``warm``), each
+    Lanczos run starts from the previous checkpoint's Ritz vectors of the same run (except a run
+    whose first steps serve as the first SLQ run, which needs a Gaussian start), and Hutch++
+    takes the previous ``A Q`` as its sketch, saving the sketch's ``probes / 3`` products for
+    residual probes (:func:`~hesscli.algorithms.hutchpp.hutchpp_run`). What is carried is ``k``
+    Ritz vectors per Lanczos run and ``probes / 3`` vectors for Hutch++.
     """
 
     name = "native"
@@ -98,17 +105,23 @@ class NativeBackend:
         # an eigs run deflates its converged pairs from the density; another run (extremes) gives its
         # first steps as the first SLQ run when it is a single-vector run
         keep = density_steps if not deflating and density_steps <= op.size else 0
+        warm = shared.warm if shared is not None else None
+        warm_key = ("lanczos", which, k, k_smallest, self.engine.curvature)
+        # a warm start saves a few steps; the first SLQ run (a Gaussian start) saves ``iters`` products
+        start = warm.get(warm_key, op.size) if warm is not None and not keep else None
         run = lanczos_run(op, k=k, which=which, k_smallest=k_smallest, tol=options.tol or None,
-                          max_iter=options.max_iter, generator=generator,
-                          return_vectors=return_vectors or deflating, keep_tridiagonal=keep)
+                          max_iter=options.max_iter, generator=generator, start=start,
+                          return_vectors=return_vectors or deflating or warm is not None, keep_tridiagonal=keep)
         r = run.result
+        if warm is not None:
+            warm.put(warm_key, op.size, r.eigenvectors)
         if shared is not None and density_steps:
             pairs = _resolved_pairs(r, op.size) if deflating else None
             if pairs is not None:
                 shared.put("density", problem, DEFLATE, pairs)
             elif run.alphas is not None:  # a single-vector run: its first steps are an SLQ run
                 shared.put("density", problem, density_steps, (run.alphas, run.betas))
-        if deflating and not return_vectors:
+        if not return_vectors and r.eigenvectors is not None:
             r = dataclasses.replace(r, eigenvectors=None)
         return r
 
@@ -125,7 +138,13 @@ class NativeBackend:
         if options.method == "hutchinson":
             return hutchinson(op, n_probes=options.probes, generator=generator, tol=options.tol)
         if options.method == "hutch++":
-            return hutchpp(op, n_matvecs=options.probes, generator=generator)
+            warm = shared.warm if shared is not None else None
+            key = ("hutch++", options.probes, self.engine.curvature)
+            run = hutchpp_run(op, n_matvecs=options.probes, generator=generator, keep_sketch=warm is not None,
+                              sketch=warm.get(key, op.size) if warm is not None else None)
+            if warm is not None:
+                warm.put(key, op.size, run.next_sketch)
+            return run.result
         raise InputError(f"--method {options.method!r}: expected one of hutchinson, hutch++, exact")
 
     def eigs(self, problem: Problem, options: EigsOptions, generator: torch.Generator, *,

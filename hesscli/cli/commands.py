@@ -89,7 +89,7 @@ def _scan_specs() -> list[o.Spec]:
         "--analyses", help=f"Comma-separated: {','.join(a.name for a in REGISTRY.values() if a.in_scan)} "
         "(default trace,eigs,extremes,density).", metavar="LIST", show_default=False)])
     return [*o.problem_options(), *o.engine_options(), *o.run_options(("out", "json", "quiet", "debug", "threads")),
-            analyses, *o.run_options(("glob", "resume", "shard")), *analysis_specs]
+            analyses, *o.run_options(("glob", "resume", "shard", "warm_start")), *analysis_specs]
 
 
 def _scan_body(target: str, *, values: dict[str, Any]) -> None:

@@ -22,7 +22,6 @@ from hesscli.config import Settings
 from hesscli.errors import ConvergenceWarning, InputError
 from hesscli.operators.base import DenseOperator
 from hesscli.scan import run_scan
-
 from tests.dense import F64, gen
 
 N = 160

@@ -136,9 +136,12 @@ def hutchpp_run(
     def draw(b: int) -> Tensor:
         return probes(n, b, generator=generator, dtype=A.dtype, device=A.device)
 
-    warm = sketch is not None and tuple(sketch.shape) == (n, s) and bool(torch.isfinite(sketch).all())
+    if sketch is not None and (tuple(sketch.shape) != (n, s) or not bool(torch.isfinite(sketch).all())):
+        sketch = None  # of another run or unusable: a cold run
+    warm = sketch is not None
     # Sketch: Y = A S, drawn and multiplied block by block (drawn only, when a sketch is given).
-    Y = sketch.to(device=A.device, dtype=A.dtype) if warm else torch.empty(n, s, dtype=A.dtype, device=A.device)
+    Y = torch.empty(n, s, dtype=A.dtype, device=A.device) if sketch is None else sketch.to(device=A.device,
+                                                                                          dtype=A.dtype)
     for c in range(0, s, block_size):
         b = min(block_size, s - c)
         S = draw(b)

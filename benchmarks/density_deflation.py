@@ -40,10 +40,10 @@ from hesscli.runner import SharedRuns
 ITERS, RUNS = 80, 5
 
 
-def scan(problem: Any, top_k: int) -> Callable[[int], dict[str, Any]]:
-    """``eigs --top-k`` then ``density`` with the checkpoint's shared runs."""
+def scan(problem: Any, top_k: int, runs: int = RUNS, iters: int = ITERS) -> Callable[[int], dict[str, Any]]:
+    """``eigs --top-k`` then ``density`` (``runs`` x ``iters``) with the checkpoint's shared runs."""
     def call(seed: int) -> dict[str, Any]:
-        settings = Settings(seed=seed, top_k=top_k, iters=ITERS, runs=RUNS)
+        settings = Settings(seed=seed, top_k=top_k, iters=iters, runs=runs)
         backend = NativeBackend()
         plan = SharedRuns(problem, {a: settings.options(a) for a in ("eigs", "density")})
         with warnings.catch_warnings():

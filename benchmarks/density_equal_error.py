@@ -1,17 +1,17 @@
 """Spectral density at equal accuracy: products each library needs for the same Wasserstein error.
 
-``python -m benchmarks.density_equal_error [W1 W2] [--seeds 3] [--runs 1,2,4,8]``
+``python -m benchmarks.density_equal_error [W1 W2] [--seeds 3] [--budgets 1x40,1x80,2x80,4x80,8x80]``
 
-Every method is swept over the number of SLQ runs of 80 steps (``--runs``), float32 on the CPU,
+Every method is swept over SLQ budgets, runs x steps (``--budgets``), float32 on the CPU,
 ``--seeds`` seeds each; the error is the Wasserstein-1 distance of the returned spectral measure
 to the float64 reference (:func:`benchmarks.reference.density_error`, divided by
 ``λ_max - λ_min``; exact on W1), median over seeds, and the products are those spent (median):
 
-* hesscli ``density`` alone (``runs`` x 80);
+* hesscli ``density`` alone;
 * hesscli ``eigs --top-k 10`` + ``density`` as ``hesscli scan`` runs them: the eigs run's
   converged eigenpairs deflated from the density; its products count;
-* PyHessian ``density(iter=80, n_v=runs)``;
-* hessian-eigenthings ``spectral_density(num_runs=runs, lanczos_steps=80)``.
+* PyHessian ``density(iter=steps, n_v=runs)``;
+* hessian-eigenthings ``spectral_density(num_runs=runs, lanczos_steps=steps)``.
 
 The target error is PyHessian's at its defaults (``density()``: one run of 100 steps) and, as a
 second target, eigenthings' at its defaults (10 runs of 80 steps). For each method the
@@ -38,7 +38,7 @@ from benchmarks.reference import density_error, load_reference
 from benchmarks.workloads import OUT_DIR, load_workload
 
 SECTION = OUT_DIR / "density_equal_error.md"
-ITERS = 80
+BUDGETS = ((1, 40), (1, 80), (2, 80), (4, 80), (8, 80))
 
 
 def _row(call: Callable[[int], dict[str, Any]], ref: Any, seeds: int) -> tuple[float, float]:
@@ -68,55 +68,43 @@ def products_for(curve: list[tuple[float, float]], target: float) -> tuple[float
     return (pts[-1][0] if pts else math.nan), False
 
 
-def measure(name: str, seeds: int, runs: list[int]) -> dict[str, Any]:
+def measure(name: str, seeds: int, budgets: list[tuple[int, int]]) -> dict[str, Any]:
     install_counters()
     w = load_workload(name)
     ref = load_reference(w)
     problem = w.problem(torch.float32)
     curves: dict[str, list[tuple[float, float]]] = {}
-    methods: dict[str, Callable[[int], Callable[[int], dict[str, Any]]]] = {
-        "hesscli density": lambda r: native(problem, "density", runs=r, iters=ITERS),
-        "hesscli eigs top-10 + deflated density": lambda r: _scan_runs(problem, r),
-        "PyHessian density": lambda r: pyhessian(w, "density", shim=True, iter=ITERS, n_v=r),
-        "eigenthings spectral_density": lambda r: eigenthings(w, "spectral_density", num_runs=r,
-                                                              lanczos_steps=ITERS),
+    methods: dict[str, Callable[[int, int], Callable[[int], dict[str, Any]]]] = {
+        "hesscli density": lambda r, m: native(problem, "density", runs=r, iters=m),
+        "hesscli eigs top-10 + deflated density": lambda r, m: scan(problem, 10, r, m),
+        "PyHessian density": lambda r, m: pyhessian(w, "density", shim=True, iter=m, n_v=r),
+        "eigenthings spectral_density": lambda r, m: eigenthings(w, "spectral_density", num_runs=r,
+                                                                 lanczos_steps=m),
     }
     for label, make in methods.items():
         curves[label] = []
-        for r in runs:
-            p, e = _row(make(r), ref, seeds)
+        for r, m in budgets:
+            p, e = _row(make(r, m), ref, seeds)
             curves[label].append((p, e))
-            print(f"{name} {label} runs={r}: products {p:.0f} error {e:.2e}", flush=True)
+            print(f"{name} {label} {r}x{m}: products {p:.0f} error {e:.2e}", flush=True)
     targets = {
         "PyHessian density() defaults (1 x 100)": _row(pyhessian(w, "density", shim=True), ref, seeds),
         "eigenthings spectral_density() defaults (10 x 80)": _row(eigenthings(w, "spectral_density"), ref, seeds),
     }
-    return {"workload": name, "seeds": seeds, "runs": runs, "curves": curves, "targets": targets}
-
-
-def _scan_runs(problem: Any, runs: int) -> Callable[[int], dict[str, Any]]:
-    import benchmarks.density_deflation as dd
-
-    def call(seed: int) -> dict[str, Any]:
-        old = dd.RUNS
-        dd.RUNS = runs
-        try:
-            return scan(problem, 10)(seed)
-        finally:
-            dd.RUNS = old
-    return call
+    return {"workload": name, "seeds": seeds, "budgets": [f"{r}x{m}" for r, m in budgets], "curves": curves,
+            "targets": targets}
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
     L = ["## Spectral density at equal accuracy", "",
-         f"`python -m benchmarks.density_equal_error`: each method swept over SLQ runs of {ITERS} steps, float32; "
+         "`python -m benchmarks.density_equal_error`: each method swept over SLQ budgets (runs x steps), float32; "
          "the Wasserstein-1 error over λ_max − λ_min against the float64 reference (median over seeds) and the "
          "products spent. Products to reach a target error are interpolated on the sweep (log-log).", ""]
     for res in results:
-        L.append(f"**{res['workload']}** (runs swept: {', '.join(map(str, res['runs']))}; {res['seeds']} seeds)")
+        L.append(f"**{res['workload']}** (error (products) per budget, runs x steps; {res['seeds']} seeds)")
         L.append("")
-        L.append("| method | " + " | ".join(f"{r} run{'s' if r > 1 else ''}" for r in res["runs"]) + " |")
-        L.append("|---|" + "---|" * len(res["runs"]))
+        L.append("| method | " + " | ".join(res["budgets"]) + " |")
+        L.append("|---|" + "---|" * len(res["budgets"]))
         for label, curve in res["curves"].items():
             L.append(f"| {label} | " + " | ".join(f"{e:.2e} ({p:.0f})" for p, e in curve) + " |")
         L.append("")
@@ -136,8 +124,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(L)
 
 
-def run(workloads: list[str], seeds: int = 3, runs: list[int] | None = None) -> list[dict[str, Any]]:
-    results = [measure(name, seeds, runs or [1, 2, 4, 8]) for name in workloads]
+def run(workloads: list[str], seeds: int = 3, budgets: list[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+    results = [measure(name, seeds, budgets or list(BUDGETS)) for name in workloads]
     SECTION.parent.mkdir(parents=True, exist_ok=True)
     SECTION.write_text(markdown(results))
     return results
@@ -147,10 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workloads", nargs="*", default=["W1", "W2"])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--runs", default="1,2,4,8")
+    parser.add_argument("--budgets", default=",".join(f"{r}x{m}" for r, m in BUDGETS))
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    results = run(args.workloads, args.seeds, [int(r) for r in args.runs.split(",")])
+    budgets = [(int(r), int(m)) for r, m in (b.split("x") for b in args.budgets.split(","))]
+    results = run(args.workloads, args.seeds, budgets)
     print(markdown(results))
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
 from hesscli.errors import InputError
+from hesscli.memory import parse_size
 from hesscli.options import EngineOptions, OptionInfo, ProblemSpec, RunOptions, declared, project
 
 try:  # Python >= 3.11
@@ -240,6 +241,8 @@ def _coerce(key: str, value: object, where: str) -> object:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)
+    if key == "max_memory" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # bytes, checked in _validate
     if base == "str":
         if not isinstance(value, str):
             raise bad("a string")
@@ -328,6 +331,8 @@ def _validate(key: str, value: object, where: str) -> None:
             if meta.minimum == 0:
                 raise InputError(f"{where} must not be negative, got {value}")
             raise InputError(f"{where} must be at least {meta.minimum:g}, got {value}")
+    if key == "max_memory":
+        parse_size(value, where)
     if key == "shard":
         m = _SHARD_RE.match(str(value))
         if not m or not (1 <= int(m.group(1)) <= int(m.group(2))):

@@ -149,6 +149,11 @@ class EngineOptions:
                             help="hessian (default) | ggn (generalized Gauss-Newton).")
     hvp: str = option("auto", choices=("auto", "func", "autograd"), metavar="auto|func|autograd", panel=CURVATURE,
                       resume=False, help="Native product path: auto (default) | func | autograd.")
+    max_memory: str | None = option(None, metavar="SIZE", panel=RUNTIME, resume=False, help=(
+        "Memory budget of the native products: model, data, the algorithm's vectors and the activations, e.g. "
+        "2GB, 500MiB, 1.5G (K/M/G/T and KiB/MiB/GiB: powers of 1024; KB/MB/GB: of 1000) or bytes. Sets the "
+        "probe columns per product (and the data chunk when one column on a batch does not fit); never changes "
+        "the probes. Default: no budget (blocks of 16)."))
 
 
 # ------------------------------------------------------------------------------------ run

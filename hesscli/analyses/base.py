@@ -58,7 +58,7 @@ class Analysis(ABC):
     python_example: ClassVar[str] = ""
     tables: ClassVar[tuple[str, ...]]
     result_type: ClassVar[str]
-    engine_options: ClassVar[tuple[str, ...]] = ("hvp",)
+    engine_options: ClassVar[tuple[str, ...]] = ("hvp", "max_memory")
     in_scan: ClassVar[bool] = True
     progress_unit: ClassVar[str] = "products"
 

@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from hesscli.errors import BackendUnavailable, InputError
+from hesscli.errors import BackendUnavailable, InputError, UnsupportedAnalysis
 from hesscli.options import EngineOptions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,6 +39,7 @@ def get_backend(engine: str | EngineOptions = "native", *, reduce: Reduce | None
 
     Raises:
         InputError: unknown name.
+        UnsupportedAnalysis: ``max_memory`` with a backend other than ``native``.
         BackendUnavailable: its third-party package is not installed (the message says how to install it).
     """
     if isinstance(engine, str):
@@ -46,6 +47,10 @@ def get_backend(engine: str | EngineOptions = "native", *, reduce: Reduce | None
     name = engine.backend
     if name not in REGISTRY:
         raise InputError(f"--backend {name!r}: unknown backend; choose one of {', '.join(REGISTRY)}")
+    if engine.max_memory is not None and name != "native":
+        raise UnsupportedAnalysis(
+            f"--max-memory {engine.max_memory} sizes the native backend's products; --backend {name} sizes its own: "
+            "drop --max-memory or use --backend native")
     module_name, cls_name = REGISTRY[name].split(":")
     try:
         module = importlib.import_module(module_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -12,11 +13,20 @@ import torch
 from hesscli.algorithms.exact import exact_trace
 from hesscli.algorithms.hutchinson import hutchinson
 from hesscli.algorithms.hutchpp import hutchpp_run
-from hesscli.algorithms.lanczos import extremes_of, lanczos_run
+from hesscli.algorithms.lanczos import BLOCK, default_ncv, extremes_of, lanczos_run
 from hesscli.algorithms.slq import slq
 from hesscli.backends.base import Capabilities, Reduce
 from hesscli.errors import InputError
 from hesscli.loading.problem import Problem
+from hesscli.memory import (
+    DEFAULT_BLOCK,
+    MemoryPlan,
+    activation_bytes,
+    format_size,
+    parse_size,
+    plan_memory,
+    resident_bytes,
+)
 from hesscli.operators.empirical import EmpiricalRiskOperator, make_operator
 from hesscli.options import EngineOptions
 from hesscli.results.records import DensityResult, EigsResult, ExtremesResult, TraceResult
@@ -27,6 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from hesscli.analyses.extremes import ExtremesOptions
     from hesscli.analyses.trace import TraceOptions
     from hesscli.runner import SharedRuns
+
+logger = logging.getLogger(__name__)
 
 EXACT_TRACE_MAX_PARAMS = 50_000
 """``trace --method exact`` needs one product per parameter; above this it is refused."""
@@ -59,6 +71,16 @@ class NativeBackend:
     takes the previous ``A Q`` as its sketch, saving the sketch's ``probes / 3`` products for
     residual probes (:func:`~hesscli.algorithms.hutchpp.hutchpp_run`). What is carried is ``k``
     Ritz vectors per Lanczos run and ``probes / 3`` vectors for Hutch++.
+
+    With ``max_memory`` (``--max-memory``) each analysis sizes its products to the budget
+    (:func:`~hesscli.memory.plan_memory`): the operator multiplies at most that many columns at a
+    time (and passes over the data in smaller chunks when one column on a batch does not fit),
+    and Hutchinson, Hutch++ and SLQ draw their probes in blocks of that size. Probes are drawn
+    column by column, so the numbers are those of a run without a budget, up to the rounding of
+    differently split sums. The vectors an algorithm keeps count against the budget: Hutch++'s
+    basis ``Q`` (``probes / 3`` vectors), the SLQ bases (``runs · iters``), the Lanczos basis and
+    what a warm start carries; when they do not fit, the analysis is refused with the number
+    that would.
     """
 
     name = "native"
@@ -81,6 +103,9 @@ class NativeBackend:
         self.reduce = reduce
         self.on_matvecs = on_matvecs
         self.last_operator: EmpiricalRiskOperator | None = None
+        self.max_memory = None if self.engine.max_memory is None else parse_size(self.engine.max_memory)
+        self.last_plan: MemoryPlan | None = None
+        self._sizes: tuple[int, int, int] | None = None  # resident bytes, activation bytes, batch of last_operator
 
     def operator(self, problem: Problem) -> EmpiricalRiskOperator:
         """The curvature operator of ``problem``; analyses of the same problem share one (and its
@@ -89,10 +114,84 @@ class NativeBackend:
             self.last_operator.on_matvecs = self.on_matvecs
             return self.last_operator
         self.last_operator = None  # free the previous graph before building the next
+        self._sizes = None
         op = make_operator(problem, self.engine.curvature, hvp=self.engine.hvp, reduce=self.reduce)
         op.on_matvecs = self.on_matvecs
         self.last_operator = op
         return op
+
+    def fit(self, op: EmpiricalRiskOperator, *, held: int = 0, held_what: str = "", fewer: str = "",
+            block: int = DEFAULT_BLOCK) -> int:
+        """Size the products of the next analysis to ``max_memory``; return its probe block size.
+
+        Without a budget nothing changes and ``block`` is returned. With one, the operator's
+        :attr:`~hesscli.operators.empirical.EmpiricalRiskOperator.max_columns` and data chunk
+        are set from :func:`~hesscli.memory.plan_memory`, and the gradient-graph cache is kept
+        only when it fits beside the products.
+
+        Args:
+            op: the analysis's operator.
+            held: bytes the algorithm keeps besides its product blocks.
+            held_what: what they are, for the message.
+            fewer: how to need less, for the message.
+            block: the block the algorithm wants.
+
+        Raises:
+            InputError: when the budget cannot hold the model, the data, ``held`` and one column.
+        """
+        if self.max_memory is None:
+            return block
+        problem = op.problem
+        if self._sizes is None:
+            sizes = [resident_bytes(problem), activation_bytes(problem),
+                     max((y.shape[0] for _, y in problem.data.batches), default=1)]
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # one plan on every process (they must multiply the same blocks): the largest sizes
+                t = torch.tensor(sizes, dtype=torch.float64, device=problem.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                sizes = [int(v) for v in t.tolist()]
+            self._sizes = (sizes[0], sizes[1], sizes[2])
+        resident, per_sample, batch = self._sizes
+        itemsize = torch.empty((), dtype=op.dtype).element_size()
+        can_chunk = problem.checkpoint.metadata.get("batchnorm") != "batch"
+        budget = self.max_memory
+        label = str(self.engine.max_memory)
+
+        def attempt(extra: int) -> MemoryPlan:
+            return plan_memory(budget, n=op.size, itemsize=itemsize, per_sample=per_sample, batch=batch,
+                               resident=resident, held=held + extra, held_what=held_what, fewer=fewer,
+                               block=block, can_chunk=can_chunk, label=label)
+
+        cache = problem.data.n_samples * per_sample if op.cache_graph else 0
+        plan = attempt(0)
+        if cache:
+            try:
+                with_cache: MemoryPlan | None = attempt(cache)
+            except InputError:
+                with_cache = None
+            if with_cache is not None and with_cache.chunk is None:
+                plan = with_cache
+            else:
+                op.cache_graph = False
+                op._graphs = None
+                logger.info("--max-memory %s: the gradient graphs of all %d samples (%s) do not fit beside the "
+                            "products; they are rebuilt for every product", label,
+                            problem.data.n_samples, format_size(cache))
+        # what an out-of-memory retry learnt stays: the plan only ever lowers it
+        op.max_columns = plan.block_size if op.oom_columns is None else min(plan.block_size, op.oom_columns)
+        chunk = plan.chunk if op.oom_chunk is None else min(plan.chunk or op.oom_chunk, op.oom_chunk)
+        if chunk != op.chunk:
+            op.set_chunk(chunk)
+        self.last_plan = plan
+        logger.info("--max-memory %s: %d column(s) per product%s (%s of activations per sample and column)",
+                    label, plan.block_size,
+                    f", chunks of {plan.chunk} samples" if plan.chunk is not None else "", format_size(per_sample))
+        return plan.block_size
+
+    def _vectors(self, op: EmpiricalRiskOperator, count: int) -> int:
+        """Bytes of ``count`` vectors of the operator's size and dtype."""
+        return count * op.size * torch.empty((), dtype=op.dtype).element_size()
 
     # ------------------------------------------------------------------ shared runs
     def _lanczos(self, problem: Problem, options: EigsOptions | ExtremesOptions, generator: torch.Generator, *,
@@ -109,6 +208,14 @@ class NativeBackend:
         warm_key = ("lanczos", which, k, k_smallest, self.engine.curvature)
         # a warm start saves a few steps; the first SLQ run (a Gaussian start) saves ``iters`` products
         start = warm.get(warm_key, op.size) if warm is not None and not keep else None
+        if self.max_memory is not None:
+            n_bottom = k if k_smallest is None else k_smallest
+            k_total = min(k + n_bottom if which == "both" else k, op.size)
+            # the basis, the start block beside it, the Ritz vectors formed at a restart (and a warm start's)
+            basis = (default_ncv(op.size, k_total, torch.empty((), dtype=op.dtype).element_size()) + 2 * BLOCK
+                     + k_total * (2 if warm is not None else 1))
+            self.fit(op, held=self._vectors(op, basis), held_what=f"the Lanczos basis ({basis} vectors)",
+                     fewer="ask for fewer eigenvalues (--top-k)")
         run = lanczos_run(op, k=k, which=which, k_smallest=k_smallest, tol=options.tol or None,
                           max_iter=options.max_iter, generator=generator, start=start,
                           return_vectors=return_vectors or deflating or warm is not None, keep_tridiagonal=keep)
@@ -134,14 +241,23 @@ class NativeBackend:
                     f"trace --method exact needs one product per parameter ({op.size:,} here, limit "
                     f"{EXACT_TRACE_MAX_PARAMS:,}); use --method hutch++ (default) or restrict with --params GLOB"
                 )
-            return exact_trace(op)
+            block = self.fit(op, block=64)
+            return exact_trace(op, block_size=block)
         if options.method == "hutchinson":
-            return hutchinson(op, n_probes=options.probes, generator=generator, tol=options.tol)
+            block = self.fit(op)
+            return hutchinson(op, n_probes=options.probes, generator=generator, tol=options.tol, block_size=block)
         if options.method == "hutch++":
             warm = shared.warm if shared is not None else None
             key = ("hutch++", options.probes, self.engine.curvature)
+            s = min(options.probes // 3, op.size)
+            # the sketch Y and its basis Q (and the QR's copy) while Q is formed; carried along a
+            # series, A Q and the previous checkpoint's sketch
+            held = 3 * s + (2 * s if warm is not None else 0)
+            block = self.fit(op, held=self._vectors(op, held), held_what=f"Hutch++'s sketch basis Q ({s} vectors, "
+                             f"{held} held while it is formed)",
+                             fewer=f"use fewer --probes (Q holds probes/3 vectors; {options.probes} asked)")
             run = hutchpp_run(op, n_matvecs=options.probes, generator=generator, keep_sketch=warm is not None,
-                              sketch=warm.get(key, op.size) if warm is not None else None)
+                              sketch=warm.get(key, op.size) if warm is not None else None, block_size=block)
             if warm is not None:
                 warm.put(key, op.size, run.next_sketch)
             return run.result
@@ -188,8 +304,15 @@ class NativeBackend:
         if shared is not None:
             deflate = shared.take("density", problem, DEFLATE)
             first = shared.take("density", problem, options.iters) if deflate is None else None
+        block: int | None = None
+        if self.max_memory is not None:
+            runs = options.runs - (1 if first is not None else 0)
+            extra = 0 if deflate is None else int(deflate[1].shape[1])
+            held = self._vectors(op, runs * options.iters + extra + runs)
+            block = self.fit(op, held=held, held_what=f"the SLQ bases ({runs} runs x {options.iters} steps)",
+                             fewer="use fewer --runs or --iters", block=max(1, runs))
         return slq(op, iters=options.iters, runs=options.runs, generator=generator, sigma=options.sigma,
-                   grid=options.grid, first_run=first, deflate=deflate)
+                   grid=options.grid, first_run=first, deflate=deflate, block_size=block)
 
 
 DEFLATE = "deflate"

@@ -82,7 +82,7 @@ def problem_options() -> list[Spec]:
     return _group(ProblemSpec)
 
 
-def engine_options(keys: Iterable[str] = ("backend", "curvature", "hvp")) -> list[Spec]:
+def engine_options(keys: Iterable[str] = ("backend", "curvature", "hvp", "max_memory")) -> list[Spec]:
     return _group(EngineOptions, keys)
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -47,7 +47,9 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hesscli.errors import AnalysisError
 from hesscli.loading.problem import Problem
+from hesscli.memory import free_memory, is_out_of_memory
 from hesscli.operators.base import CurvatureOperator
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,15 @@ class EmpiricalRiskOperator(CurvatureOperator):
         reduce: called on each local product sum (e.g. an all-reduce under torch.distributed).
         cache_graph: ``auto`` caches gradient graphs when the dataset has at most
             ``max_cached_batches`` batches; ``True``/``False`` force it.
+
+    Attributes:
+        max_columns: most columns per product; a wider block is multiplied in consecutive parts
+            (``None``: no limit). Set from a memory budget, and lowered when a product runs out
+            of memory (see :meth:`_product`; ``oom_columns`` and ``oom_chunk`` keep what the
+            retries set).
+        chunk: samples per data chunk; batches are split into chunks of at most this many
+            samples, each weighted by its share of the loss terms (``None``: the batches as
+            loaded). Set with :meth:`set_chunk`.
     """
 
 
@@ -130,6 +141,11 @@ class EmpiricalRiskOperator(CurvatureOperator):
         self.cache_graph = (n_batches <= max_cached_batches) if cache_graph == "auto" else bool(cache_graph)
         self._graphs: list[tuple[Tensor, ...]] | None = None
         self._func_failed = False
+        self.max_columns: int | None = None  # wider blocks are multiplied in parts of this many columns
+        self.chunk: int | None = None  # samples per data chunk (None: the batches as loaded)
+        self.oom_columns: int | None = None  # the limits an out-of-memory retry set (kept for later products)
+        self.oom_chunk: int | None = None
+        self._batches: list[tuple[Any, Tensor]] = list(problem.data.batches)
         self.block_path: str | None = None  # chosen by measurement in auto mode
         self.tuning: dict[str, float] = {}  # seconds per vector measured on each path
         self.n_total = problem.data.n_total
@@ -175,9 +191,106 @@ class EmpiricalRiskOperator(CurvatureOperator):
             return "autograd"
         return self.block_path or "tune"
 
+    @property
+    def batches(self) -> list[tuple[Any, Tensor]]:
+        """The ``(inputs, targets)`` chunks a product passes over (the batches, split by :attr:`chunk`)."""
+        return self._batches
+
+    def set_chunk(self, chunk: int | None) -> None:
+        """Pass over the data in chunks of at most ``chunk`` samples (``None``: the batches as loaded).
+
+        Each chunk of a batch gets the batch's weight times its share of the batch's loss terms
+        (samples, or counted tokens), so the analysed function is unchanged; only the order of the
+        sums changes. A chunk without a loss term (every token ignored) is left out. Cached
+        gradient graphs are dropped (they belong to the old chunks).
+        """
+        self.chunk = None if chunk is None else max(1, int(chunk))
+        self._graphs = None
+        batches = self.problem.data.batches
+        if self.chunk is None:
+            self._batches = list(batches)
+            return
+        count = self.problem.loss.count
+        out: list[tuple[Any, Tensor]] = []
+        for x, y in batches:
+            size = y.shape[0]
+            if size <= self.chunk:
+                out.append((x, y))
+                continue
+            w = self._weight(y)
+            terms = float(count(y)) if count is not None else float(size)
+            for start in range(0, size, self.chunk):
+                xs, ys = _take(x, slice(start, start + self.chunk)), y[start:start + self.chunk]
+                if self._weights:  # else the weight falls back to the samples' share, which is right
+                    part = float(count(ys)) if count is not None else float(ys.shape[0])
+                    if part == 0:  # no loss term (every token ignored): nothing to add, and its mean is 0/0
+                        continue
+                    self._weights[id(ys)] = w * part / terms
+                out.append((xs, ys))
+        self._batches = out
+
     def _matmat(self, V: Tensor) -> Tensor:
         with differentiable_kernels():
+            return self._product(V)
+
+    def _product(self, V: Tensor) -> Tensor:
+        """``A @ V`` in parts of at most :attr:`max_columns` columns, retried on half when out of memory.
+
+        When a product raises an out-of-memory error, what can be freed is freed and the block is
+        multiplied as two halves (and :attr:`max_columns` is lowered so that later blocks do not
+        fail again), down to one column; a single column that does not fit is retried on half the
+        data chunk, down to one sample. The same columns are multiplied, so the result is the
+        same up to the rounding of the split sums, and :attr:`n_matvecs` counts each column once
+        (it is counted by :meth:`matmat`, after this returns).
+
+        Raises:
+            AnalysisError: when one column on one sample does not fit, under torch.distributed
+                (every process must multiply the same blocks) or with per-batch BatchNorm
+                statistics when the batch would have to be split.
+        """
+        k = V.shape[1]
+        cap = self.max_columns
+        if cap is not None and k > cap:
+            return torch.cat([self._product(V[:, c:c + cap]) for c in range(0, k, cap)], dim=1)
+        try:
             return self._matmat_any(V)
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        free_memory(self.device)  # outside the handler: the failed attempt's frames are gone
+        return self._retry(V, reason)
+
+    def _retry(self, V: Tensor, reason: str) -> Tensor:
+        k = V.shape[1]
+        fix = "set --max-memory below the free memory or lower --batch-size"
+        if self.reduce is not None:
+            raise AnalysisError(
+                f"out of memory in a product of {k} column(s) ({reason}); under torch.distributed every process "
+                f"must multiply the same blocks, so it is not retried on a smaller one: {fix}")
+        if k > 1:
+            half = (k + 1) // 2
+            self.max_columns = self.oom_columns = half
+            logger.info("out of memory multiplying %d columns (%s): retrying as blocks of at most %d", k, reason, half)
+            return self._product(V)
+        sizes = [y.shape[0] for _, y in self._batches]
+        current = max(sizes) if sizes else 1
+        if current <= 1:
+            raise AnalysisError(
+                f"out of memory multiplying one column on one sample ({reason}); {fix}, or use fewer parameters "
+                f"(--params) or a smaller --dtype")
+        if self.problem.checkpoint.metadata.get("batchnorm") == "batch":
+            raise AnalysisError(
+                f"out of memory multiplying one column on a batch of {current} samples ({reason}); --batchnorm batch "
+                f"cannot split a batch (its statistics would change): {fix}")
+        chunk = (current + 1) // 2
+        self.cache_graph = False  # cached graphs hold every chunk at once: splitting would not help
+        self.set_chunk(chunk)
+        self.oom_chunk = chunk
+        self.max_columns = self.oom_columns = 1
+        logger.info("out of memory multiplying one column on %d samples (%s): retrying on chunks of %d samples",
+                    current, reason, chunk)
+        return self._product(V)
 
     def _matmat_any(self, V: Tensor) -> Tensor:
         path = self.path_for(V.shape[1])
@@ -187,7 +300,7 @@ class EmpiricalRiskOperator(CurvatureOperator):
             try:
                 return self._finish(self._matmat_func(V))
             except RuntimeError as e:  # e.g. an op without forward-mode AD
-                if self.hvp == "func":
+                if self.hvp == "func" or is_out_of_memory(e):
                     raise
                 logger.info("torch.func products failed (%s); using double backward", e)
                 self._func_failed = True
@@ -209,6 +322,8 @@ class EmpiricalRiskOperator(CurvatureOperator):
         try:
             out_f, t_f = self._timed(self._matmat_func, V[:, half:])
         except RuntimeError as e:
+            if is_out_of_memory(e):
+                raise
             logger.info("torch.func products failed (%s); using double backward", e)
             self._func_failed = True
             self.block_path = "autograd"
@@ -232,7 +347,7 @@ class EmpiricalRiskOperator(CurvatureOperator):
             block = V[:, start : start + self.block_size]
             k = block.shape[1]
             acc = [torch.zeros(k, *s, dtype=self.dtype, device=self.device) for s in self.shapes]
-            for x, y in self.problem.data.batches:
+            for x, y in self._batches:
                 parts = self._func_batch(x, y, self._split(block))
                 for a, p in zip(acc, parts):
                     a.add_(p)
@@ -243,7 +358,7 @@ class EmpiricalRiskOperator(CurvatureOperator):
         k = V.shape[1]
         tangents = self._split(V)
         acc = [torch.zeros(k, *s, dtype=self.dtype, device=self.device) for s in self.shapes]
-        for i, (x, y) in enumerate(self.problem.data.batches):
+        for i, (x, y) in enumerate(self._batches):
             self._autograd_batch(i, x, y, tangents, acc)
         return self._flat(acc, k)
 
@@ -266,7 +381,7 @@ class EmpiricalRiskOperator(CurvatureOperator):
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         g = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         with torch.enable_grad(), differentiable_kernels():
-            for x, y in self.problem.data.batches:
+            for x, y in self._batches:
                 loss = self._weight(y) * self.problem.loss.fn(self.problem.output(x), y)
                 gs = self._grad_of(loss, self.params, None, retain_graph=False)
                 g += torch.cat([t.reshape(-1) for t in gs])
@@ -300,7 +415,7 @@ class HessianOperator(EmpiricalRiskOperator):
         return self.cache_graph and self.device.type == "cpu"
 
     def _prepare_autograd(self) -> None:
-        for i, (x, y) in enumerate(self.problem.data.batches):
+        for i, (x, y) in enumerate(self._batches):
             self._batch_grads(i, x, y)
 
     def _batch_grads(self, i: int, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
@@ -369,6 +484,13 @@ class GGNOperator(EmpiricalRiskOperator):
                 gv = self._grad_of(out, self.params, hjv, retain_graph=True)
                 for a, h in zip(acc, gv):
                     a[c].add_(h)
+
+
+def _take(inputs: Any, rows: slice) -> Any:
+    """Rows ``rows`` of a batch's inputs (a tensor, or a dict of tensors)."""
+    if isinstance(inputs, Mapping):
+        return {k: v[rows] for k, v in inputs.items()}
+    return inputs[rows]
 
 
 def make_operator(problem: Problem, curvature: str = "hessian", **kwargs) -> EmpiricalRiskOperator:

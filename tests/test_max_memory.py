@@ -1,0 +1,345 @@
+"""``--max-memory``: the size parser, block sizing, and the out-of-memory retry on half the block."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from hesscli.analyses.density import DensityOptions
+from hesscli.analyses.trace import TraceOptions
+from hesscli.backends.native import NativeBackend
+from hesscli.cli import main
+from hesscli.config import resolve
+from hesscli.errors import AnalysisError, InputError
+from hesscli.memory import (
+    VECTORS_PER_COLUMN,
+    activation_bytes,
+    is_out_of_memory,
+    parse_size,
+    plan_memory,
+    resident_bytes,
+)
+from hesscli.operators.empirical import HessianOperator
+from hesscli.options import EngineOptions
+from tests.cases import mlp_ce
+from tests.reference import exact_hessian
+
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- parser
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2GB", 2_000_000_000), ("500MiB", 500 * 2**20), ("1.5G", int(1.5 * 2**30)), ("1000", 1000),
+    (" 3 kb ", 3000), ("7B", 7), ("2gib", 2 * 2**30), ("1T", 2**40), (".5M", 2**19), (4096, 4096),
+    ("64k", 65536),
+])
+def test_parse_size_good(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "2XB", "-1", "0", "0.1", "nan", "1.5.2G", "G", "2 G B", True, None,
+                                  -5, float("inf")])
+def test_parse_size_bad(text):
+    with pytest.raises(InputError) as ei:
+        parse_size(text)
+    msg = str(ei.value)
+    assert "\n" not in msg and "--max-memory" in msg and "2GB" in msg
+
+
+def test_config_accepts_sizes_and_bytes_and_refuses_the_rest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve({"max-memory": "1.5G"}).engine.max_memory == "1.5G"
+    (tmp_path / "hesscli.toml").write_text("max-memory = 2000000\n")
+    assert parse_size(resolve({}).engine.max_memory) == 2_000_000
+    (tmp_path / "hesscli.toml").write_text('max_memory = "lots"\n')
+    with pytest.raises(InputError, match="max-memory"):
+        resolve({})
+    (tmp_path / "hesscli.toml").unlink()
+    assert resolve({}).engine.max_memory is None
+
+
+def test_cli_bad_size_is_exit_2_with_one_line(tiny, capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["trace", str(tiny.ckpt), "--model", tiny.spec, "--data", tiny.data, "--max-memory", "lots", "-q"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert ei.value.code == 2
+    assert len(lines) == 1 and "--max-memory" in lines[0] and "'lots'" in lines[0], err
+
+
+def test_cli_budget_gives_the_numbers_of_no_budget(tiny, capsys):
+    def run(*extra: str) -> str:
+        with pytest.raises(SystemExit) as ei:
+            main(["trace", str(tiny.ckpt), "--model", tiny.spec, "--data", tiny.data, "--json",
+                  "--out", str(tiny.folder / "out"), "--method", "hutchinson", "--probes", "30", *extra])
+        assert ei.value.code == 0
+        return capsys.readouterr().out
+
+    import json
+
+    free = json.loads(run())
+    tight = json.loads(run("--max-memory", "3KB"))  # one column on chunks of 4 of the 40 samples
+
+    def estimate(doc):
+        return doc["result"]["estimate"] if "result" in doc else doc["estimate"]
+
+    assert estimate(tight) == pytest.approx(estimate(free), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- sizing
+def test_smaller_budgets_pick_smaller_blocks_then_chunks():
+    n, per_sample, batch = 100_000, 20_000, 256
+    blocks, chunks = [], []
+    for budget in (10**9, 10**8, 2 * 10**7, 8 * 10**6, 3 * 10**6):
+        p = plan_memory(budget, n=n, itemsize=4, per_sample=per_sample, batch=batch)
+        blocks.append(p.block_size)
+        chunks.append(p.chunk)
+    assert blocks == sorted(blocks, reverse=True) and blocks[0] == 16 and blocks[-1] == 1
+    assert chunks[0] is None and chunks[-1] is not None and chunks[-1] < batch
+    with pytest.raises(InputError, match="raise --max-memory"):
+        plan_memory(10_000, n=n, itemsize=4, per_sample=per_sample, batch=batch)
+
+
+def test_held_vectors_and_resident_bytes_count():
+    kw = dict(n=10_000, itemsize=4, per_sample=1_000, batch=64)
+    free = plan_memory(5_000_000, **kw).block_size
+    assert plan_memory(5_000_000, held=3_000_000, **kw).block_size < free
+    assert plan_memory(5_000_000, resident=3_000_000, **kw).block_size < free
+
+
+def test_batchnorm_batch_refuses_to_chunk():
+    with pytest.raises(InputError, match="--batchnorm batch"):
+        plan_memory(200_000, n=1_000, itemsize=4, per_sample=10_000, batch=512, can_chunk=False)
+
+
+def test_backend_fit_lowers_columns_for_lower_budgets():
+    problem = mlp_ce()
+    blocks = []
+    for budget in ("100MB", "60KB", "40KB"):
+        backend = NativeBackend(EngineOptions(max_memory=budget))
+        op = backend.operator(problem)
+        blocks.append(backend.fit(op))
+        assert op.max_columns == blocks[-1]
+    assert blocks[0] == 16 and blocks == sorted(blocks, reverse=True) and blocks[-1] < 16
+    assert activation_bytes(problem) > 0 and resident_bytes(problem) > 0
+
+
+def test_hutchpp_basis_too_big_is_refused_with_the_fix():
+    problem = mlp_ce()
+    n = problem.n_params
+    resident = resident_bytes(problem)
+    per_sample = activation_bytes(problem)
+    one_column = VECTORS_PER_COLUMN * n * 8 + 7 * per_sample
+    budget = resident + 2 * one_column  # room for products, not for a basis of 30 vectors held 3 times
+    backend = NativeBackend(EngineOptions(max_memory=str(budget)))
+    with pytest.raises(InputError) as ei:
+        backend.trace(problem, TraceOptions(method="hutch++", probes=90), _gen())
+    msg = str(ei.value)
+    assert "\n" not in msg and "Q" in msg and "fewer --probes" in msg and "--max-memory" in msg
+    # Hutchinson keeps no basis: the same budget works
+    assert backend.trace(problem, TraceOptions(method="hutchinson", probes=8), _gen()).n_hvp == 8
+
+
+# ----------------------------------------------------------------------------- out-of-memory retry
+def _failing(op: HessianOperator, max_columns: int, max_chunk: int | None = None, message: str = OOM) -> list[int]:
+    """Make ``op``'s products raise a simulated out-of-memory error on blocks wider than ``max_columns``
+    (or chunks larger than ``max_chunk``); returns the widths of the blocks that went through."""
+    inner = op._matmat_any
+    widths: list[int] = []
+
+    def product(V: torch.Tensor) -> torch.Tensor:
+        chunk = max(y.shape[0] for _, y in op.batches)
+        if V.shape[1] > max_columns or (max_chunk is not None and chunk > max_chunk):
+            torch.empty(1000)  # some allocation in flight when it fails
+            raise RuntimeError(message)
+        widths.append(V.shape[1])
+        return inner(V)
+
+    op._matmat_any = product  # type: ignore[method-assign]
+    return widths
+
+
+@pytest.mark.parametrize("path", ["autograd", "func"])
+def test_retry_gives_the_same_hutchpp_trace_and_counts_each_column_once(path, caplog):
+    problem = mlp_ce()
+    H = exact_hessian(problem)
+    options = TraceOptions(method="hutch++", probes=180)  # s = 60 >= 57 parameters: Q spans everything
+    engine = EngineOptions(hvp=path)
+    ref = NativeBackend(engine).trace(problem, options, _gen())
+    backend = NativeBackend(engine)
+    widths = _failing(backend.operator(problem), max_columns=3)
+    with caplog.at_level(logging.INFO, logger="hesscli.operators.empirical"):
+        got = backend.trace(problem, options, _gen())
+    assert widths and max(widths) <= 3
+    assert got.n_hvp == ref.n_hvp == 180 and backend.last_operator.n_matvecs == 180
+    assert got.estimate == pytest.approx(ref.estimate, rel=1e-12, abs=1e-12)
+    assert got.estimate == pytest.approx(float(torch.trace(H)), rel=1e-8)
+    assert any("out of memory" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
+def test_retry_gives_the_same_slq_density():
+    problem = mlp_ce()
+    options = DensityOptions(iters=12, runs=6, grid=50)
+    ref = NativeBackend().density(problem, options, _gen(3))
+    backend = NativeBackend()
+    widths = _failing(backend.operator(problem), max_columns=2)
+    got = backend.density(problem, options, _gen(3))
+    assert max(widths) <= 2
+    assert got.n_hvp == ref.n_hvp == 72 and backend.last_operator.n_matvecs == 72
+    assert torch.allclose(got.alphas, ref.alphas, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got.density, ref.density, rtol=1e-8, atol=1e-10)
+    # the quadrature nodes lie within the exact spectrum
+    eig = torch.linalg.eigvalsh(exact_hessian(problem))
+    assert float(got.nodes.min()) >= float(eig[0]) - 1e-8 and float(got.nodes.max()) <= float(eig[-1]) + 1e-8
+
+
+@pytest.mark.parametrize("path", ["autograd", "func"])
+def test_retry_halves_the_data_chunk_when_one_column_fails(path):
+    problem = mlp_ce(batch_size=7)
+    H = exact_hessian(problem)
+    op = HessianOperator(problem, hvp=path)
+    _failing(op, max_columns=1, max_chunk=2)
+    V = torch.randn(op.size, 5, generator=_gen(4), dtype=torch.float64)
+    out = op @ V
+    assert torch.allclose(out, H @ V, rtol=1e-10, atol=1e-12)
+    assert op.n_matvecs == 5 and op.chunk == 2 and op.max_columns == 1
+    assert sum(y.shape[0] for _, y in op.batches) == 23
+
+
+def test_chunks_keep_the_weights_of_token_counts():
+    """A loss averaged over counted terms (here: targets other than 0): each chunk gets its share."""
+    import torch.nn.functional as F
+
+    from hesscli.loading.build import weigh_batches
+    from hesscli.loading.problem import LossSpec
+
+    problem = mlp_ce(batch_size=7)
+    problem.loss = LossSpec("ce_ignore_0", lambda o, t: F.cross_entropy(o, t, ignore_index=0),
+                            count=lambda t: (t != 0).sum(), unit="tokens")
+    weigh_batches(problem.data, problem.loss)
+    eye = torch.eye(problem.n_params, dtype=torch.float64)[:, :4]
+    ref_op = HessianOperator(problem, hvp="autograd")
+    ref = ref_op @ eye
+    loss_ref, g_ref = ref_op.loss_and_gradient()
+    op = HessianOperator(problem, hvp="autograd")
+    op.set_chunk(3)
+    assert max(y.shape[0] for _, y in op.batches) == 3
+    assert torch.allclose(op @ eye, ref, rtol=1e-10, atol=1e-13)
+    loss, g = op.loss_and_gradient()
+    assert loss == pytest.approx(loss_ref, rel=1e-12) and torch.allclose(g, g_ref, rtol=1e-10, atol=1e-13)
+
+
+def test_retry_gives_up_with_one_line_naming_the_options():
+    op = HessianOperator(mlp_ce(batch_size=7), hvp="autograd")
+    _failing(op, max_columns=0, message="DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+    with pytest.raises(AnalysisError) as ei:
+        op @ torch.ones(op.size, 2, dtype=torch.float64)
+    msg = str(ei.value)
+    assert "\n" not in msg and "--max-memory" in msg and "--batch-size" in msg
+    assert op.n_matvecs == 0
+
+
+def test_other_errors_are_not_retried():
+    op = HessianOperator(mlp_ce(), hvp="autograd")
+    _failing(op, max_columns=1, message="mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes"):
+        op @ torch.ones(op.size, 4, dtype=torch.float64)
+
+
+def test_under_distributed_the_retry_is_refused():
+    op = HessianOperator(mlp_ce(), hvp="autograd", reduce=lambda t: t)
+    _failing(op, max_columns=1)
+    with pytest.raises(AnalysisError, match="torch.distributed"):
+        op @ torch.ones(op.size, 4, dtype=torch.float64)
+
+
+def test_is_out_of_memory():
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                         "memory: you tried to allocate 1024 bytes"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+DIST_SETTINGS = {
+    "trace": {"method": "hutchinson", "probes": 12, "dtype": "float64", "seed": 3},
+    "density": {"iters": 12, "runs": 3, "dtype": "float64", "seed": 3},
+}
+DIST_BUDGETS = {"trace": "6000", "density": "28000"}
+"""Bytes that leave one column on chunks of a few samples (beside the SLQ bases for density)."""
+
+
+def _dist_worker(rank: int, world: int, init: str, queue) -> None:
+    import torch.distributed as dist
+
+    from hesscli.api import analyse
+    from hesscli.config import Settings
+    from hesscli.distributed import DistContext
+    from hesscli.loading.problem import Dataset
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        problem = mlp_ce()
+        x = torch.cat([b[0] for b in problem.data.batches])
+        y = torch.cat([b[1] for b in problem.data.batches])
+        lo, hi = len(x) * rank // world, len(x) * (rank + 1) // world  # 11 and 12 samples
+        xs, ys = x[lo:hi], y[lo:hi]
+        problem.data = Dataset(batches=[(xs[i:i + 7], ys[i:i + 7]) for i in range(0, len(xs), 7)],
+                               n_samples=len(xs), n_total=len(x))
+        ctx = DistContext(rank, world)
+        out: dict[str, object] = {}
+        try:
+            for analysis, options in DIST_SETTINGS.items():
+                result = analyse(problem, analysis, Settings(**options, max_memory=DIST_BUDGETS[analysis]),
+                                 reduce=ctx.all_reduce_sum).result
+                out[analysis] = [result.estimate] if analysis == "trace" else result.alphas.flatten().tolist()
+        except Exception as e:  # reported by the test rather than hanging it
+            out = {"error": repr(e)}
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_plan_alike_and_match_one_without_budget(tmp_path):
+    import torch.multiprocessing as mp
+
+    from hesscli.api import analyse
+    from hesscli.config import Settings
+
+    single = mlp_ce()
+    expected = {}
+    for analysis, options in DIST_SETTINGS.items():
+        r = analyse(single, analysis, Settings(**options)).result
+        expected[analysis] = [r.estimate] if analysis == "trace" else r.alphas.flatten().tolist()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    # shards of different sizes on the two ranks
+    procs = [ctx.Process(target=_dist_worker, args=(r, 2, f"file://{tmp_path / 'rendezvous'}", queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert "error" not in results[0] and "error" not in results[1], results
+    for analysis in DIST_SETTINGS:
+        assert results[0][analysis] == results[1][analysis]
+        assert torch.allclose(torch.tensor(results[0][analysis]), torch.tensor(expected[analysis]),
+                              rtol=1e-8, atol=1e-10), analysis
+
+
+def test_peer_backends_refuse_a_budget():
+    from hesscli.backends import get_backend
+    from hesscli.errors import UnsupportedAnalysis
+
+    with pytest.raises(UnsupportedAnalysis, match="--backend native"):
+        get_backend(EngineOptions(backend="pyhessian", max_memory="1GB"))

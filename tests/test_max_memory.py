@@ -343,3 +343,58 @@ def test_peer_backends_refuse_a_budget():
 
     with pytest.raises(UnsupportedAnalysis, match="--backend native"):
         get_backend(EngineOptions(backend="pyhessian", max_memory="1GB"))
+
+
+# ----------------------------------------------------------------------------- scans
+SCAN_MODEL_PY = """
+from torch import nn
+
+def make():
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+"""
+
+
+def test_scan_with_a_budget_matches_one_without(tmp_path, caplog):
+    """Warm starts, shared Lanczos runs and deflated densities with products sized to a budget."""
+    from pathlib import Path
+
+    from hesscli.config import Settings
+    from hesscli.scan import run_scan
+
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "model.py").write_text(SCAN_MODEL_PY)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (60,), generator=g)
+    torch.save({"inputs": x, "targets": y}, d / "data.pt")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3)).double()
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.05)
+        torch.save({"model_state_dict": model.state_dict(), "step": step}, d / f"ckpt_{step:04d}.pt")
+
+    def scan(out: str, **kw):
+        settings = Settings(model=f"{d / 'model.py'}:make", data=str(d / "data.pt"), dtype="float64", top_k=3,
+                            analyses=("trace", "eigs", "extremes", "density"), probes=30, iters=20, runs=3,
+                            out=tmp_path / out, **kw)
+        report = run_scan(d, settings)
+        assert all(o.run.status == "ok" for o in report.outcomes), [o.run.error for o in report.outcomes]
+        return {(Path(o.run.checkpoint).name, o.run.analysis): o for o in report.outcomes}
+
+    free = scan("free")
+    with caplog.at_level(logging.INFO, logger="hesscli.backends.native"):
+        tight = scan("tight", max_memory="150KB")
+    plans = [r.getMessage() for r in caplog.records if "column(s) per product" in r.getMessage()]
+    assert plans and any("chunks of" in p for p in plans), plans
+    assert free.keys() == tight.keys()
+    for key, a in free.items():
+        b = tight[key]
+        assert a.run.n_hvp == b.run.n_hvp, key
+        if key[1] == "trace":
+            assert b.result.estimate == pytest.approx(a.result.estimate, rel=1e-9), key
+        elif key[1] == "eigs":
+            assert b.result.eigenvalues == pytest.approx(a.result.eigenvalues, rel=1e-8), key
+        elif key[1] == "density":
+            assert torch.allclose(b.result.alphas, a.result.alphas, rtol=1e-7, atol=1e-9), key

@@ -20,6 +20,8 @@ from hesscli.errors import InputError
 from hesscli.loading.problem import Problem
 from hesscli.memory import (
     DEFAULT_BLOCK,
+    HEADROOM,
+    VECTORS_PER_COLUMN,
     MemoryPlan,
     activation_bytes,
     format_size,
@@ -141,19 +143,9 @@ class NativeBackend:
         """
         if self.max_memory is None:
             return block
-        problem = op.problem
-        if self._sizes is None:
-            sizes = [resident_bytes(problem), activation_bytes(problem),
-                     max((y.shape[0] for _, y in problem.data.batches), default=1)]
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                # one plan on every process (they must multiply the same blocks): the largest sizes
-                t = torch.tensor(sizes, dtype=torch.float64, device=problem.device)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                sizes = [int(v) for v in t.tolist()]
-            self._sizes = (sizes[0], sizes[1], sizes[2])
-        resident, per_sample, batch = self._sizes
+        resident, per_sample, batch = self._measure(op)
         itemsize = torch.empty((), dtype=op.dtype).element_size()
+        problem = op.problem
         can_chunk = problem.checkpoint.metadata.get("batchnorm") != "batch"
         budget = self.max_memory
         label = str(self.engine.max_memory)
@@ -188,6 +180,29 @@ class NativeBackend:
                     label, plan.block_size,
                     f", chunks of {plan.chunk} samples" if plan.chunk is not None else "", format_size(per_sample))
         return plan.block_size
+
+    def _measure(self, op: EmpiricalRiskOperator) -> tuple[int, int, int]:
+        """``(resident bytes, activation bytes per sample and column, largest batch)`` of the operator's
+        problem, measured once per problem; under torch.distributed the largest over the processes,
+        so that every process makes the same plan (they must multiply the same blocks)."""
+        if self._sizes is None:
+            problem = op.problem
+            sizes = [resident_bytes(problem), activation_bytes(problem),
+                     max((y.shape[0] for _, y in problem.data.batches), default=1)]
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                t = torch.tensor(sizes, dtype=torch.float64, device=problem.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                sizes = [int(v) for v in t.tolist()]
+            self._sizes = (sizes[0], sizes[1], sizes[2])
+        return self._sizes
+
+    def _fitting(self, op: EmpiricalRiskOperator, per_unit: int) -> int:
+        """How many units of ``per_unit`` vectors fit beside one column on one sample (at least 0)."""
+        assert self.max_memory is not None
+        resident, per_sample, _ = self._measure(op)
+        one = self._vectors(op, VECTORS_PER_COLUMN) + per_sample
+        return max(0, (int(self.max_memory * HEADROOM) - resident - one) // max(1, self._vectors(op, per_unit)))
 
     def _vectors(self, op: EmpiricalRiskOperator, count: int) -> int:
         """Bytes of ``count`` vectors of the operator's size and dtype."""
@@ -253,9 +268,13 @@ class NativeBackend:
             # the sketch Y and its basis Q (and the QR's copy) while Q is formed; carried along a
             # series, A Q and the previous checkpoint's sketch
             held = 3 * s + (2 * s if warm is not None else 0)
+            fewer = ""
+            if self.max_memory is not None:  # Q holds probes/3 vectors, each `held / s` times
+                fits = 3 * self._fitting(op, held // max(1, s))
+                fewer = (f"use at most --probes {fits} ({options.probes} asked)" if fits >= 3 else
+                         "use --method hutchinson (no basis)")
             block = self.fit(op, held=self._vectors(op, held), held_what=f"Hutch++'s sketch basis Q ({s} vectors, "
-                             f"{held} held while it is formed)",
-                             fewer=f"use fewer --probes (Q holds probes/3 vectors; {options.probes} asked)")
+                             f"{held} held while it is formed)", fewer=fewer)
             run = hutchpp_run(op, n_matvecs=options.probes, generator=generator, keep_sketch=warm is not None,
                               sketch=warm.get(key, op.size) if warm is not None else None, block_size=block)
             if warm is not None:

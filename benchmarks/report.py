@@ -317,6 +317,14 @@ def write_report(results: dict[str, Any], path: Path) -> str:
         from benchmarks.whole_process import markdown
 
         L.append(markdown(results["whole_process"]))
+    if results.get("big_models"):
+        from benchmarks.big_models import markdown as big_models_markdown
+
+        L.append(big_models_markdown(results["big_models"]))
+    if results.get("contention"):
+        from benchmarks.contention import markdown as contention_markdown
+
+        L.append(contention_markdown(results["contention"]))
     analysis = HERE / "ANALYSIS.md"
     if analysis.is_file():
         L.append(analysis.read_text())

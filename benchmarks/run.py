@@ -1,8 +1,12 @@
-"""Command line: ``python -m benchmarks.run [--workloads W1,W2,W3,W4] [--repeats 3] [--quick]``.
+"""Command line: ``python -m benchmarks.run [--workloads W1,W2,W3,W4] [--repeats 3] [--quick] [--only SECTIONS]``.
 
 Builds the workloads and their float64 references (cached in ``benchmarks/out/``), runs every
-library on every workload in this process, then writes ``benchmarks/results.json`` and regenerates
-``benchmarks/RESULTS.md``.
+library on every workload in this process, then the sections that run in separate processes
+(whole processes, big models, thread contention; not under ``--quick``), writes
+``benchmarks/results.json`` and regenerates ``benchmarks/RESULTS.md``.
+
+``--only big_models,contention`` runs just those separate sections and replaces them in the
+existing ``results.json`` (the rest is kept as it is), then regenerates RESULTS.md.
 """
 
 from __future__ import annotations
@@ -125,8 +129,48 @@ def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, ou
         from benchmarks import whole_process
 
         results["whole_process"] = whole_process.run(whole, repeats)
+    if not quick and not smoke:
+        _write(results, out_json, out_md)
+        for section in SECTIONS:
+            results[section] = run_section(section, repeats=repeats)
+            _write(results, out_json, out_md)
     results["wall_seconds"] = time.perf_counter() - t_start
     _write(results, out_json, out_md)
+    return results
+
+
+SECTIONS = ("big_models", "contention")
+"""Sections measured in separate processes after the workloads, also runnable alone with ``--only``."""
+
+
+def run_section(name: str, *, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
+    """Measure one separate section (``big_models`` | ``contention``); returns its ``results.json`` entry."""
+    t0 = time.perf_counter()
+    if name == "big_models":
+        from benchmarks import big_models
+
+        out = big_models.run(device=device, repeats=min(repeats, 3), log=logger.info)
+    elif name == "contention":
+        from benchmarks import contention
+
+        out = contention.run(repeats=min(repeats, 2), log=logger.info)
+    else:
+        raise ValueError(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+    out["generated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out["wall_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_only(sections: list[str], *, out_json: Path = HERE / "results.json", out_md: Path = HERE / "RESULTS.md",
+             repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
+    """Run only ``sections`` and replace them in the existing ``out_json``; regenerate ``out_md``."""
+    if not out_json.is_file():
+        raise FileNotFoundError(f"{out_json}: no results to update; run the whole suite first")
+    results = json.loads(out_json.read_text())
+    for name in sections:
+        logger.info("section %s", name)
+        results[name] = run_section(name, repeats=repeats, device=device)
+        _write(results, out_json, out_md)
     return results
 
 
@@ -147,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small budgets and 1 repeat: a smoke test")
     parser.add_argument("--out", type=Path, default=HERE / "results.json", help="results JSON path")
     parser.add_argument("--report", type=Path, default=HERE / "RESULTS.md", help="Markdown report path")
+    parser.add_argument("--only", default=None,
+                        help=f"run only these separate sections ({', '.join(SECTIONS)}), replacing them in the "
+                             "existing results JSON")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="device of the big_models section (default cpu)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in names if n not in SPECS]
@@ -157,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hesscli").setLevel(logging.WARNING)
     command = "python -m benchmarks.run" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    if args.only is not None:
+        only = [n.strip() for n in args.only.split(",") if n.strip()]
+        bad = [n for n in only if n not in SECTIONS]
+        if bad or not only:
+            parser.error(f"--only: unknown {', '.join(bad) or '(nothing)'}; choose from {', '.join(SECTIONS)}")
+        run_only(only, out_json=args.out, out_md=args.report, repeats=args.repeats, device=args.device)
+        return 0
     run_suite(names, repeats=args.repeats, quick=args.quick, out_json=args.out, out_md=args.report, command=command)
     return 0
 

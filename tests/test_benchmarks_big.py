@@ -1,0 +1,132 @@
+"""The big-model and thread-contention benchmark sections: rendering, ``--only``, and the product paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import big_models, contention
+from benchmarks import run as bench_run
+from benchmarks.report import write_report
+
+
+def _path(one: float, block: float, grad: float, first: float = 1.0) -> dict:
+    return {"status": "ok", "first_s": first, "one_s": one, "block_s": block, "one_x_grad": one / grad,
+            "block_x_grad": block / grad, "peak_mb": 100.0}
+
+
+BIG = {
+    "settings": {"device": "cpu", "repeats": 3, "block": 2, "threads": 2},
+    "rows": [
+        {"model": "resnet18", "what": "ResNet-18", "device": "cpu", "n_params": 11_173_962, "gradient_s": 2.0,
+         "torch": "2.x", "paths": {"autograd": _path(5.0, 4.8, 2.0, 12.0), "func": _path(9.0, 7.0, 2.0),
+                                   "compiled": _path(3.0, 2.5, 2.0, 120.0)},
+         "agreement": {"func_vs_autograd": 1e-7, "autograd_vs_float64": 2e-7}, "peak_rss_mb": 3000.0,
+         "foreign_load": 0.05},
+        {"model": "gpt2", "what": "GPT-2", "device": "cpu", "n_params": 10_600_000, "gradient_s": 1.0,
+         "paths": {"autograd": _path(3.0, 3.0, 1.0), "func": _path(4.0, 3.5, 1.0),
+                   "compiled": {"status": "FAIL", "error": "BackendCompilerFailed: boom"}},
+         "agreement": {}, "peak_rss_mb": 2000.0, "foreign_load": 0.0},
+    ],
+    "layout_probe": {"on": {"returncode": -6, "error": "double free or corruption (!prev)"},
+                     "off": {"returncode": 0, "rel_diff": 1e-7}},
+}
+
+CONTENTION = {
+    "cpus": 2, "checkpoint": "ckpt_step000400.pt",
+    "rows": [{"busy": n, "setting": s, "status": "ok", "seconds": 7.0 + n, "all_seconds": [7.0 + n, 8.0 + n],
+              "decisions": ["passive" if n else "OpenMP default"], "n_hvp": 36, "lambda1": [1.234567],
+              "foreign_load": 0.01} for n in (0, 2, 4) for s in contention.SETTINGS],
+}
+
+
+def _results() -> dict:
+    return {"generated": "2026-01-01T00:00:00+00:00", "command": "python -m benchmarks.run",
+            "machine": {"cpu": "test CPU", "cores": 2, "ram_gib": 24, "torch_threads": 2},
+            "versions": {"torch": torch.__version__}, "settings": {"foreign_load_limit": 0.1, "quick": False},
+            "workloads": {}, "wall_seconds": 1.0}
+
+
+def test_report_renders_the_big_model_and_contention_sections(tmp_path):
+    text = write_report({**_results(), "big_models": BIG, "contention": CONTENTION}, tmp_path / "RESULTS.md")
+    assert "## Big models" in text and "## Thread contention" in text
+    assert "| resnet18 (ResNet-18) | cpu | 11,173,962 | 2.00 s | 12.00 s | 5.00 s (2.50x) |" in text
+    assert "3.00 s (1.50x)" in text  # the compiled column of the ResNet
+    assert "compiled path failed: `BackendCompilerFailed: boom`" in text
+    assert "double free or corruption" in text and "1.1-2.8" in text
+    assert "| alone | 7.0 s (7.0, 8.0) OpenMP default |" in text
+    assert "| 4 busy | 11.0 s (11.0, 12.0) passive | 11.0 s (11.0, 12.0) | 11.0 s (11.0, 12.0) | 1% |" in text
+
+
+def test_report_without_the_sections_has_no_headings(tmp_path):
+    text = write_report(_results(), tmp_path / "RESULTS.md")
+    assert "## Big models" not in text and "## Thread contention" not in text
+
+
+def test_only_replaces_just_the_named_sections(tmp_path, monkeypatch):
+    out_json, out_md = tmp_path / "results.json", tmp_path / "RESULTS.md"
+    out_json.write_text(json.dumps({**_results(), "whole_process": [], "contention": {"rows": []}}))
+    calls = []
+
+    def fake(name, **kwargs):
+        calls.append(name)
+        return BIG
+    monkeypatch.setattr(bench_run, "run_section", fake)
+    assert bench_run.main(["--only", "big_models", "--out", str(out_json), "--report", str(out_md)]) == 0
+    assert calls == ["big_models"]
+    saved = json.loads(out_json.read_text())
+    assert saved["big_models"]["rows"][0]["model"] == "resnet18"
+    assert saved["contention"] == {"rows": []} and saved["command"] == "python -m benchmarks.run"
+    assert "## Big models" in out_md.read_text()
+    with pytest.raises(SystemExit):
+        bench_run.main(["--only", "nothing", "--out", str(out_json)])
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", big_models.MODELS)
+def test_measuring_function_on_a_tiny_model_paths_agree(name, one_thread):
+    row = big_models.measure_model(name, batch=4, seq=8, tiny=True, repeats=1, block=2, compile=False)
+    assert row["paths"]["autograd"]["status"] == "ok" and row["paths"]["func"]["status"] == "ok"
+    assert row["gradient_s"] > 0 and row["paths"]["autograd"]["one_x_grad"] > 0
+    a = row["agreement"]
+    assert a["func_vs_autograd"] < 1e-5
+    assert a["autograd_vs_float64"] < 1e-5 and a["func_vs_float64"] < 1e-5
+    assert big_models.markdown({"rows": [row], "settings": {}}).count(f"| {name} (tiny") == 1
+
+
+def test_float64_product_matches_a_finite_difference_of_gradients(one_thread):
+    from hesscli.operators.empirical import HessianOperator
+
+    problem, _ = big_models.build_problem("resnet18", batch=4, tiny=True, dtype="float64")
+    op = HessianOperator(problem, hvp="autograd")
+    v = torch.randn(problem.n_params, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    hv = op.matmat(v)[:, 0]
+    eps = 1e-5
+    with torch.no_grad():
+        for p, d in zip(op.params, op._split(v)):
+            p.add_(eps * d[0])
+    g_plus = op.loss_and_gradient()[1]
+    with torch.no_grad():
+        for p, d in zip(op.params, op._split(v)):
+            p.sub_(2 * eps * d[0])
+    g_minus = op.loss_and_gradient()[1]
+    fd = (g_plus - g_minus) / (2 * eps)
+    assert float((fd - hv).norm() / hv.norm()) < 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_product_on_a_tiny_model_agrees(one_thread):
+    row = big_models.measure_model("gpt2", batch=2, seq=8, tiny=True, repeats=1, block=2, compile=True,
+                                   float64_check=False)
+    assert row["paths"]["compiled"]["status"] == "ok", row["paths"]["compiled"]
+    assert row["agreement"]["compiled_vs_autograd"] < 1e-5
+    assert row["paths"]["compiled"]["block_vs_func"] < 1e-5

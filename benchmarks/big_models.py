@@ -39,10 +39,12 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -212,6 +214,16 @@ def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[fl
     return statistics.median(times), times
 
 
+def _paired(fn: Callable[[], Any], gradient: Callable[[], Any], device: torch.device,
+            repeats: int) -> tuple[float, float, list[float]]:
+    """Alternate a gradient and ``fn``: (median ``fn`` seconds, median gradient seconds, the ``fn`` times)."""
+    times, grads = [], []
+    for _ in range(max(1, repeats)):
+        grads.append(_time(gradient, device, 1)[0])
+        times.append(_time(fn, device, 1)[0])
+    return statistics.median(times), statistics.median(grads), times
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a64, b64 = a.detach().to("cpu", torch.float64).reshape(-1), b.detach().to("cpu", torch.float64).reshape(-1)
     return float(torch.linalg.vector_norm(a64 - b64) / torch.linalg.vector_norm(b64))
@@ -290,31 +302,36 @@ def measure_model(name: str, *, batch: int, seq: int = 64, device: str = "cpu", 
     t_all = time.perf_counter()
 
     with LoadWindow() as load:
-        op = HessianOperator(problem, hvp="autograd")
-        op.loss_and_gradient()  # warm-up
+        gradient = HessianOperator(problem, hvp="autograd").loss_and_gradient  # never builds a cached graph
+        gradient()  # warm-up
         with _Memory(dev) as mem:
-            row["gradient_s"], row["gradient_all_s"] = _time(op.loss_and_gradient, dev, repeats)
+            row["gradient_s"], row["gradient_all_s"] = _time(gradient, dev, repeats)
         row["gradient_peak_mb"] = mem.peak / 2**20
         progress(f"{name}: gradient {row['gradient_s']:.3f} s")
-        g = row["gradient_s"]
+        op_a = HessianOperator(problem, hvp="autograd")
 
         def run_path(label: str, first: Callable[[], torch.Tensor], one: Callable[[torch.Tensor], torch.Tensor],
                      blk: Callable[[torch.Tensor], torch.Tensor]) -> None:
             entry: dict[str, Any] = {"status": "ok"}
             try:
-                with _Memory(dev) as mem:
+                with _Memory(dev) as mem:  # the first product, then one warm-up of each timed call
                     _sync(dev)
                     t0 = time.perf_counter()
                     products[label] = first().reshape(-1)
                     _sync(dev)
                     entry["first_s"] = time.perf_counter() - t0
-                    entry["one_s"], entry["one_all_s"] = _time(lambda: one(v), dev, repeats)
-                    blk(V)  # warm-up (a compiled block is a second compilation)
-                    t_block, entry["block_all_s"] = _time(lambda: blk(V), dev, repeats)
-                    entry["block_s"] = t_block / block
+                    one(v)
+                    t0 = time.perf_counter()
+                    blk(V)  # a compiled block is a second compilation
+                    _sync(dev)
+                    entry["block_first_s"] = time.perf_counter() - t0
                 entry["peak_mb"] = mem.peak / 2**20
-                entry["one_x_grad"] = entry["one_s"] / g
-                entry["block_x_grad"] = entry["block_s"] / g
+                # each timed product next to a timed gradient, so that a change of load hits both
+                entry["one_s"], entry["one_grad_s"], entry["one_all_s"] = _paired(lambda: one(v), gradient, dev, repeats)
+                t_block, entry["block_grad_s"], entry["block_all_s"] = _paired(lambda: blk(V), gradient, dev, repeats)
+                entry["block_s"] = t_block / block
+                entry["one_x_grad"] = entry["one_s"] / entry["one_grad_s"]
+                entry["block_x_grad"] = entry["block_s"] / entry["block_grad_s"]
                 progress(f"{name}: {label} first {entry['first_s']:.2f} s, one {entry['one_s']:.3f} s "
                          f"({entry['one_x_grad']:.2f}x), block {entry['block_s']:.3f} s/col ({entry['block_x_grad']:.2f}x)")
             except Exception as e:  # noqa: BLE001 - a failing path is a result, recorded with its error
@@ -322,8 +339,8 @@ def measure_model(name: str, *, batch: int, seq: int = 64, device: str = "cpu", 
                 progress(f"{name}: {label} failed: {entry['error']}\n{traceback.format_exc()}")
             paths[label] = entry
 
-        run_path("autograd", lambda: op.matmat(v), op.matmat, op.matmat)
-        del op
+        run_path("autograd", lambda: op_a.matmat(v), op_a.matmat, op_a.matmat)
+        op_a = None  # frees the cached graph
         malloc_trim()
 
         op = HessianOperator(problem, hvp="func", block_size=block)
@@ -351,7 +368,7 @@ def measure_model(name: str, *, batch: int, seq: int = 64, device: str = "cpu", 
                     paths["compiled"]["block_vs_func"] = _rel(compiled_first.fns[1](V), op.matmat(V))  # type: ignore[attr-defined]
         else:
             paths["compiled"] = {"status": "skipped"}
-        del op
+        op = None
     row["foreign_load"] = load.value
     row["paths"] = paths
 
@@ -430,7 +447,7 @@ DEFAULTS = {"resnet18": {"batch": 16}, "gpt2": {"batch": 8, "seq": 64}}
 
 
 def run(models: tuple[str, ...] = MODELS, *, device: str = "cpu", repeats: int = 3, block: int = 2,
-        threads: int = 2, timeout_s: float = 1200.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+        threads: int = 2, timeout_s: float = 1800.0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure each model in a fresh process; returns ``{"rows": [...], "settings": ...}``."""
     rows: list[dict[str, Any]] = []
     for name in models:
@@ -438,12 +455,18 @@ def run(models: tuple[str, ...] = MODELS, *, device: str = "cpu", repeats: int =
                "--repeats", str(repeats), "--block", str(block), "--threads", str(threads), "--json"]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        from hesscli.threads import prepare_environment
+
+        decision = prepare_environment(env)  # what `hesscli` would do on this machine now
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+            with tempfile.TemporaryDirectory(prefix="hesscli-inductor-") as cache:
+                env["TORCHINDUCTOR_CACHE_DIR"] = cache  # a cold compilation, every time
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
             if proc.returncode != 0:
                 raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-1500:]}")
-            rows.extend(json.loads(proc.stdout.strip().splitlines()[-1]))
+            for r in json.loads(proc.stdout.strip().splitlines()[-1]):
+                rows.append({**r, "wait_policy": decision})
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
             rows.append({"model": name, "device": device, "status": "FAIL",
                          "error": " ".join(str(e).split())[-600:]})
@@ -466,6 +489,16 @@ def _cell(entry: dict[str, Any] | None, key: str) -> str:
     return f"{_t(entry[key + '_s'])} ({entry[key + '_x_grad']:.2f}x)"
 
 
+def _policy(decision: str | None) -> str:
+    if not decision:
+        return "-"
+    if "PASSIVE" in decision:
+        return "passive (busy machine)"
+    if "environment" in decision:
+        return "from the environment"
+    return "OpenMP default"
+
+
 def markdown(section: dict[str, Any] | None) -> str:
     """The RESULTS.md section "Big models"."""
     if not section or not section.get("rows"):
@@ -477,36 +510,42 @@ def markdown(section: dict[str, Any] | None) -> str:
         "",
         f"`python -m benchmarks.big_models` (each model in a fresh process; {s.get('threads', '?')} threads on the "
         f"CPU; float32; median of {s.get('repeats', '?')} after a warm-up). Seconds per product column and, in "
-        "brackets, HVP ÷ gradient. *first*: the first product, which builds the cached gradient graph (autograd) or "
-        "compiles (`torch.compile`, mode default, of `jvp(grad(loss))` over `functional_call`, one column and the "
-        f"vmapped block compiled separately). Blocks of {s.get('block', '?')} columns. Peak: memory above the start "
+        "brackets, HVP ÷ gradient, each product timed alternately with a gradient (the ratio is to the median of "
+        "those gradients, so that a change of the machine's load hits both; the gradient column is the median of "
+        "the first gradients alone). *first*: the first product, which builds the cached gradient graph (autograd) "
+        "or compiles (`torch.compile`, mode default, of `jvp(grad(loss))` over `functional_call`, in a fresh "
+        "inductor cache; the vmapped block is compiled separately, in brackets). "
+        f"Blocks of {s.get('block', '?')} columns. The OpenMP wait policy is what `hesscli` would choose at the "
+        "start of each model's process. Peak: memory above the start "
         "of the path (RSS on the CPU, `max_memory_allocated` on CUDA); the process peak RSS is the whole run.",
         "",
         "| model | device | params | gradient | autograd: first | autograd: 1 column | autograd: block | "
         "func: 1 column | func: block | compiled: first | compiled: 1 column | compiled: block | peak MB "
-        "autograd / func / compiled | process peak RSS | foreign load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "autograd / func / compiled | process peak RSS | foreign load | wait policy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes: list[str] = []
     for r in rows:
         if r.get("status") == "FAIL":
-            L.append(f"| {r['model']} | {r.get('device', '-')} | - | **FAIL** | " + " | ".join(["-"] * 11) + " |")
+            L.append(f"| {r['model']} | {r.get('device', '-')} | - | **FAIL** | " + " | ".join(["-"] * 12) + " |")
             notes.append(f"* {r['model']}: the measurement failed: {r.get('error')}")
             continue
         p = r["paths"]
 
-        def peak(label: str) -> str:
+        def peak(label: str, p: dict[str, Any] = p) -> str:
             e = p.get(label, {})
             return f"{e['peak_mb']:.0f}" if e.get("status") == "ok" else "-"
 
         first = {k: (_t(p[k]["first_s"]) if p.get(k, {}).get("status") == "ok" else
                      ("FAIL" if p.get(k, {}).get("status") == "FAIL" else "-")) for k in ("autograd", "compiled")}
+        if p.get("compiled", {}).get("block_first_s") is not None:
+            first["compiled"] += f" ({_t(p['compiled']['block_first_s'])})"
         L.append(f"| {r['model']} ({r['what']}) | {r['device']}{' ' + r['gpu'] if r.get('gpu') else ''} | "
                  f"{r['n_params']:,} | {_t(r['gradient_s'])} | {first['autograd']} | {_cell(p.get('autograd'), 'one')} | "
                  f"{_cell(p.get('autograd'), 'block')} | {_cell(p.get('func'), 'one')} | {_cell(p.get('func'), 'block')} | "
                  f"{first['compiled']} | {_cell(p.get('compiled'), 'one')} | {_cell(p.get('compiled'), 'block')} | "
                  f"{peak('autograd')} / {peak('func')} / {peak('compiled')} | {r['peak_rss_mb']:.0f} MB | "
-                 f"{100 * r.get('foreign_load', 0):.0f}% |")
+                 f"{100 * r.get('foreign_load', 0):.0f}% | {_policy(r.get('wait_policy'))} |")
         for label, e in p.items():
             if e.get("status") == "FAIL":
                 notes.append(f"* {r['model']} ({r['device']}), {label} path failed: `{e['error']}`")

@@ -53,6 +53,7 @@ def test_report_renders_the_big_model_and_contention_sections(tmp_path):
     text = write_report({**_results(), "big_models": BIG, "contention": CONTENTION}, tmp_path / "RESULTS.md")
     assert "## Big models" in text and "## Thread contention" in text
     assert "| resnet18 (ResNet-18) | cpu | 11,173,962 | 2.00 s | 12.00 s | 5.00 s (2.50x) |" in text
+    assert "| 5% | - |" in text
     assert "3.00 s (1.50x)" in text  # the compiled column of the ResNet
     assert "compiled path failed: `BackendCompilerFailed: boom`" in text
     assert "double free or corruption" in text and "1.1-2.8" in text

@@ -77,7 +77,7 @@ def _decision(stderr: str) -> str:
     return "?"
 
 
-def one_run(setting: str, out: Path, spinners: list[subprocess.Popen]) -> dict[str, Any]:
+def one_run(setting: str, out: Path, spinners: list[subprocess.Popen], timeout_s: float = 900.0) -> dict[str, Any]:
     """Time one ``hesscli eigs`` process under ``setting``."""
     cmd = [sys.executable, "-m", "hesscli", "eigs", CHECKPOINT, "--json", "--quiet", "--debug", "--out", str(out)]
     if setting == "threads1":
@@ -85,7 +85,12 @@ def one_run(setting: str, out: Path, spinners: list[subprocess.Popen]) -> dict[s
     busy0, child0 = _system_busy_ticks(), _children_seconds()
     spin0 = sum(_pid_ticks(p.pid) for p in spinners)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=SAMPLES, env=_env(setting), capture_output=True, text=True, timeout=900)
+    try:
+        proc = subprocess.run(cmd, cwd=SAMPLES, env=_env(setting), capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"setting": setting, "seconds": time.perf_counter() - t0, "status": "FAIL",
+                "error": f"still running after {timeout_s:.0f} s (stopped)"}
     wall = time.perf_counter() - t0
     foreign = ((_system_busy_ticks() - busy0) - (sum(_pid_ticks(p.pid) for p in spinners) - spin0)) / _HZ \
         - (_children_seconds() - child0)
@@ -116,8 +121,7 @@ def run(*, repeats: int = 2, budget_s: float = 330.0, busy: tuple[int, ...] | No
                         runs[s].append(r)
                         log(f"contention: {n} busy, {s}: {r['seconds']:.1f} s ({r.get('decision', r['status'])})")
                     spent = time.perf_counter() - t_start
-                    left_levels = len(levels) - levels.index(n) - 1
-                    if i + 1 < repeats and spent > budget_s * (levels.index(n) + 1) / len(levels) and left_levels:
+                    if i + 1 < repeats and spent > budget_s * (levels.index(n) + 1) / len(levels):
                         break  # over this level's share of the budget: keep time for the busier levels
             finally:
                 for p in spinners:
@@ -163,7 +167,9 @@ def markdown(section: dict[str, Any] | None) -> str:
         for s in settings:
             r = next((x for x in rows if x["busy"] == n and x["setting"] == s), None)
             if r is None or r["status"] != "ok":
-                cells.append("FAIL" if r else "-")
+                err = (r or {}).get("error") or ""
+                cells.append("-" if r is None else (f"> {min(r['all_seconds']):.0f} s (stopped)"
+                                                    if "still running" in err else "FAIL"))
                 continue
             runs = ", ".join(f"{t:.1f}" for t in r["all_seconds"])
             chosen = ""

@@ -1,6 +1,6 @@
 """A whole ``hesscli eigs`` process on a machine shared with busy processes, under three thread settings.
 
-``python -m benchmarks.contention [--repeats 2] [--budget-s 330]``
+``python -m benchmarks.contention [--repeats 2] [--budget-s 330] [--run-timeout-s 300]``
 
 ``hesscli eigs ckpt_step000400.pt`` in ``sample_checkpoints/`` (the README's thread table: the
 sample CNN, default ``--top-k 10``, 36 products) as a fresh process, timed alone and with ``N``
@@ -103,8 +103,9 @@ def one_run(setting: str, out: Path, spinners: list[subprocess.Popen], timeout_s
 
 
 def run(*, repeats: int = 2, budget_s: float = 330.0, busy: tuple[int, ...] | None = None,
-        settings: tuple[str, ...] = SETTINGS, log=print) -> dict[str, Any]:
-    """Every (busy processes, setting) pair, ``repeats`` times where the budget allows."""
+        settings: tuple[str, ...] = SETTINGS, run_timeout_s: float = 300.0, log=print) -> dict[str, Any]:
+    """Every (busy processes, setting) pair, ``repeats`` times where the budget allows; a run still going
+    after ``run_timeout_s`` is stopped and reported as a lower bound."""
     cpus = os.cpu_count() or 1
     levels = (0, cpus, 2 * cpus) if busy is None else busy
     rows: list[dict[str, Any]] = []
@@ -117,7 +118,7 @@ def run(*, repeats: int = 2, budget_s: float = 330.0, busy: tuple[int, ...] | No
                 time.sleep(1.0 if n else 0.0)  # let the busy processes show in /proc/loadavg
                 for i in range(repeats):
                     for s in settings:
-                        r = one_run(s, Path(tmp) / f"out-{n}-{s}-{i}", spinners)
+                        r = one_run(s, Path(tmp) / f"out-{n}-{s}-{i}", spinners, run_timeout_s)
                         runs[s].append(r)
                         log(f"contention: {n} busy, {s}: {r['seconds']:.1f} s ({r.get('decision', r['status'])})")
                     spent = time.perf_counter() - t_start
@@ -154,7 +155,7 @@ def markdown(section: dict[str, Any] | None) -> str:
         "",
         f"`python -m benchmarks.contention`: `hesscli eigs {section.get('checkpoint', CHECKPOINT)}` in "
         f"`sample_checkpoints/` ({n_hvp} products) as a fresh process on {section.get('cpus', '?')} CPUs, alone and "
-        "with N busy single-thread processes (`python -c \"while True: pass\"`). Median wall seconds (runs in "
+        "with N busy single-thread processes added (`python -c \"while True: pass\"`). Median wall seconds (runs in "
         "brackets); under the default, the policy it chose (passive = it set `OMP_WAIT_POLICY=PASSIVE`). "
         "Settings interleaved within each repeat. Foreign load: the busiest run's CPU use by processes other than "
         "these, as a share of the machine.",
@@ -178,7 +179,7 @@ def markdown(section: dict[str, Any] | None) -> str:
             cells.append(f"{r['seconds']:.1f} s ({runs}){chosen}")
             if r.get("foreign_load") is not None:
                 loads.append(r["foreign_load"])
-        label = "alone" if n == 0 else f"{n} busy"
+        label = "none added" if n == 0 else f"{n} busy"
         L.append(f"| {label} | " + " | ".join(cells) + f" | {100 * max(loads, default=0):.0f}% |")
     lam = sorted({round(v, 6) for r in rows for v in r.get("lambda1") or []})
     if lam:
@@ -190,10 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=330.0, help="stop repeating once this is spent")
+    parser.add_argument("--run-timeout-s", type=float, default=300.0, help="stop a run after this long")
     parser.add_argument("--busy", default=None, help="comma-separated numbers of busy processes (default 0,CPUs,2xCPUs)")
     args = parser.parse_args(argv)
     busy = tuple(int(b) for b in args.busy.split(",")) if args.busy else None
-    section = run(repeats=args.repeats, budget_s=args.budget_s, busy=busy,
+    section = run(repeats=args.repeats, budget_s=args.budget_s, busy=busy, run_timeout_s=args.run_timeout_s,
                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(markdown(section))
 

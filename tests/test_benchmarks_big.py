@@ -57,7 +57,7 @@ def test_report_renders_the_big_model_and_contention_sections(tmp_path):
     assert "3.00 s (1.50x)" in text  # the compiled column of the ResNet
     assert "compiled path failed: `BackendCompilerFailed: boom`" in text
     assert "double free or corruption" in text and "1.1-2.8" in text
-    assert "| alone | 7.0 s (7.0, 8.0) OpenMP default |" in text
+    assert "| none added | 7.0 s (7.0, 8.0) OpenMP default |" in text
     assert "| 4 busy | 11.0 s (11.0, 12.0) passive | 11.0 s (11.0, 12.0) | 11.0 s (11.0, 12.0) | 1% |" in text
 
 

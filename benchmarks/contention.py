@@ -154,7 +154,7 @@ def markdown(section: dict[str, Any] | None) -> str:
         "## Thread contention: a whole `hesscli eigs` process next to busy processes",
         "",
         f"`python -m benchmarks.contention`: `hesscli eigs {section.get('checkpoint', CHECKPOINT)}` in "
-        f"`sample_checkpoints/` ({n_hvp} products) as a fresh process on {section.get('cpus', '?')} CPUs, alone and "
+        f"`sample_checkpoints/` ({n_hvp} products) as a fresh process on {section.get('cpus', '?')} CPUs, with no busy processes added and "
         "with N busy single-thread processes added (`python -c \"while True: pass\"`). Median wall seconds (runs in "
         "brackets); under the default, the policy it chose (passive = it set `OMP_WAIT_POLICY=PASSIVE`). "
         "Settings interleaved within each repeat. Foreign load: the busiest run's CPU use by processes other than "

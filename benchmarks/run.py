@@ -69,7 +69,7 @@ def _jsonable(obj: Any) -> Any:
 
 def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, out_json: Path = HERE / "results.json",
               out_md: Path = HERE / "RESULTS.md", cache_dir: Path = OUT_DIR, command: str | None = None,
-              threads: int = 2, smoke: bool = False) -> dict[str, Any]:
+              threads: int = 2, smoke: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Run the benchmark on ``workloads`` and write the JSON results and the Markdown report.
 
     Args:
@@ -81,6 +81,7 @@ def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, ou
         command: the command line recorded in the report.
         threads: ``torch.set_num_threads`` (2, as the baselines; tests use 1).
         smoke: run only a handful of rows per workload (the machinery test).
+        device: device of the big-model section (``cpu`` | ``cuda``).
 
     Returns:
         The results dictionary written to ``out_json``.
@@ -132,7 +133,7 @@ def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, ou
     if not quick and not smoke:
         _write(results, out_json, out_md)
         for section in SECTIONS:
-            results[section] = run_section(section, repeats=repeats)
+            results[section] = run_section(section, repeats=repeats, device=device)
             _write(results, out_json, out_md)
     results["wall_seconds"] = time.perf_counter() - t_start
     _write(results, out_json, out_md)
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--only: unknown {', '.join(bad) or '(nothing)'}; choose from {', '.join(SECTIONS)}")
         run_only(only, out_json=args.out, out_md=args.report, repeats=args.repeats, device=args.device)
         return 0
-    run_suite(names, repeats=args.repeats, quick=args.quick, out_json=args.out, out_md=args.report, command=command)
+    run_suite(names, repeats=args.repeats, quick=args.quick, out_json=args.out, out_md=args.report, command=command,
+              device=args.device)
     return 0
 
 

@@ -317,6 +317,14 @@ def write_report(results: dict[str, Any], path: Path) -> str:
         from benchmarks.whole_process import markdown
 
         L.append(markdown(results["whole_process"]))
+    if results.get("scan_series"):
+        from benchmarks.scan_series import markdown as scan_series_markdown
+
+        L.append(scan_series_markdown(results["scan_series"]))
+    if results.get("density_equal_error"):
+        from benchmarks.density_equal_error import markdown as density_markdown
+
+        L.append(density_markdown(results["density_equal_error"]["workloads"]))
     if results.get("big_models"):
         from benchmarks.big_models import markdown as big_models_markdown
 

@@ -2,10 +2,11 @@
 
 Builds the workloads and their float64 references (cached in ``benchmarks/out/``), runs every
 library on every workload in this process, then the sections that run in separate processes
-(whole processes, big models, thread contention; not under ``--quick``), writes
+(whole processes, a series of checkpoints, density at equal accuracy, big models, thread contention;
+not under ``--quick``), writes
 ``benchmarks/results.json`` and regenerates ``benchmarks/RESULTS.md``.
 
-``--only big_models,contention`` runs just those separate sections and replaces them in the
+``--only scan_series,density_equal_error,big_models,contention`` runs just those separate sections and replaces them in the
 existing ``results.json`` (the rest is kept as it is), then regenerates RESULTS.md.
 """
 
@@ -140,14 +141,22 @@ def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, ou
     return results
 
 
-SECTIONS = ("big_models", "contention")
+SECTIONS = ("scan_series", "density_equal_error", "big_models", "contention")
 """Sections measured in separate processes after the workloads, also runnable alone with ``--only``."""
 
 
 def run_section(name: str, *, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
-    """Measure one separate section (``big_models`` | ``contention``); returns its ``results.json`` entry."""
+    """Measure one separate section (one of :data:`SECTIONS`); returns its ``results.json`` entry."""
     t0 = time.perf_counter()
-    if name == "big_models":
+    if name == "scan_series":
+        from benchmarks import scan_series
+
+        out = scan_series.run()
+    elif name == "density_equal_error":
+        from benchmarks import density_equal_error
+
+        out = {"workloads": density_equal_error.run(["W1", "W2"])}
+    elif name == "big_models":
         from benchmarks import big_models
 
         out = big_models.run(device=device, repeats=min(repeats, 3), log=logger.info)

@@ -222,6 +222,12 @@ def write_report(results: dict[str, Any], path: Path) -> str:
     L.append("# hesscli benchmark results\n")
     L.append(f"Generated {results['generated']} by `{results['command']}` "
              f"(wall time {fmt_time(results.get('wall_seconds'))}).\n")
+    later = [(name, results[name]["generated"]) for name in ("scan_series", "density_equal_error", "big_models",
+                                                             "contention")
+             if isinstance(results.get(name), dict) and results[name].get("generated", "") > str(results["generated"])]
+    if later:
+        L.append("Sections measured later with `python -m benchmarks.run --only ...` (the code of that date): "
+                 + ", ".join(f"{name} {when}" for name, when in later) + ".\n")
     L.append(f"* **Machine:** {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; torch threads "
              f"{m['torch_threads']}; float32 everywhere (references float64).")
     L.append("* **Versions:** " + ", ".join(f"{k} {val}" for k, val in v.items()))

@@ -70,7 +70,8 @@ def _jsonable(obj: Any) -> Any:
 
 def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, out_json: Path = HERE / "results.json",
               out_md: Path = HERE / "RESULTS.md", cache_dir: Path = OUT_DIR, command: str | None = None,
-              threads: int = 2, smoke: bool = False, device: str = "cpu") -> dict[str, Any]:
+              threads: int = 2, smoke: bool = False, device: str = "cpu",
+              keep_sections: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the benchmark on ``workloads`` and write the JSON results and the Markdown report.
 
     Args:
@@ -82,6 +83,8 @@ def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, ou
         command: the command line recorded in the report.
         threads: ``torch.set_num_threads`` (2, as the baselines; tests use 1).
         smoke: run only a handful of rows per workload (the machinery test).
+        keep_sections: entries of separate sections to keep instead of measuring them (``--keep-sections``);
+            ``None`` measures every section.
         device: device of the big-model section (``cpu`` | ``cuda``).
 
     Returns:
@@ -134,6 +137,10 @@ def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, ou
     if not quick and not smoke:
         _write(results, out_json, out_md)
         for section in SECTIONS:
+            if keep_sections is not None:
+                if section in keep_sections:
+                    results[section] = keep_sections[section]
+                continue
             results[section] = run_section(section, repeats=repeats, device=device)
             _write(results, out_json, out_md)
     results["wall_seconds"] = time.perf_counter() - t_start
@@ -206,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                              "existing results JSON")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="device of the big_models section (default cpu)")
+    parser.add_argument("--keep-sections", action="store_true",
+                        help=f"measure the workloads and the whole processes, and keep the separate sections "
+                             f"({', '.join(SECTIONS)}) of the existing results JSON instead of measuring them again")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in names if n not in SPECS]
@@ -223,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--only: unknown {', '.join(bad) or '(nothing)'}; choose from {', '.join(SECTIONS)}")
         run_only(only, out_json=args.out, out_md=args.report, repeats=args.repeats, device=args.device)
         return 0
+    keep = None
+    if args.keep_sections and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        keep = {name: old[name] for name in SECTIONS if old.get(name)}
     run_suite(names, repeats=args.repeats, quick=args.quick, out_json=args.out, out_md=args.report, command=command,
-              device=args.device)
+              device=args.device, keep_sections=keep)
     return 0
 
 

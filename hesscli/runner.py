@@ -51,9 +51,6 @@ class WarmStarts:
         else:
             self._items[key] = (size, value)
 
-    def clear(self) -> None:
-        self._items.clear()
-
 
 class SharedRuns:
     """Work one analysis of a problem leaves for another analysis of the same problem.

@@ -226,7 +226,8 @@ def write_report(results: dict[str, Any], path: Path) -> str:
                                                              "contention")
              if isinstance(results.get(name), dict) and results[name].get("generated", "") > str(results["generated"])]
     if later:
-        L.append("Sections measured later with `python -m benchmarks.run --only ...` (the code of that date): "
+        L.append("Sections measured later, alone (`python -m benchmarks.run --only ...` or the section's module; "
+                 "the code of that date): "
                  + ", ".join(f"{name} {when}" for name, when in later) + ".\n")
     L.append(f"* **Machine:** {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; torch threads "
              f"{m['torch_threads']}; float32 everywhere (references float64).")

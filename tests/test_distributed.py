@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hesscli.api import analyse
 from hesscli.config import Settings
 from hesscli.distributed import DistContext
 from hesscli.loading.problem import Dataset
 from tests.cases import cnn_bn_ce, mlp_ce
+from tests.gloo import spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"
@@ -69,16 +69,7 @@ def _worker(rank: int, world: int, init: str, case: str, queue) -> None:
 def test_two_gloo_processes_equal_one(case, tmp_path):
     single_problem = {"mlp": mlp_ce, "cnn": cnn_bn_ce}[case]()
     expected = {a: (_numbers(analyse(single_problem, a, s).result), None) for a, s in SETTINGS.items()}
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_worker, args=(r, 2, init, case, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_ranks(_worker, tmp_path, case)
     for rank in (0, 1):
         for analysis, (numbers, loss) in results[rank].items():
             numbers = torch.tensor(numbers, dtype=torch.float64)

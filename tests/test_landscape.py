@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import hesscli
 from hesscli.cli import app, main
 from tests.cases import mlp_ce
+from tests.gloo import spawn_ranks
 
 runner = CliRunner()
 
@@ -161,7 +162,6 @@ def _gloo_worker(rank: int, world: int, init: str, queue) -> None:
 
 
 def test_two_gloo_processes_give_the_single_process_grid(tmp_path):
-    import torch.multiprocessing as mp
 
     from hesscli.api import analyse
     from hesscli.config import Settings
@@ -172,15 +172,7 @@ def test_two_gloo_processes_give_the_single_process_grid(tmp_path):
         r = analyse(problem, "landscape", Settings(directions=kind, dims=2, steps=4, span=0.5, dtype="float64",
                                                    seed=3)).result
         expected[kind] = (r.loss, r.accuracy, r.center_loss)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_worker, args=(r, 2, f"file://{tmp_path / 'rdv'}", queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_ranks(_gloo_worker, tmp_path)
     for rank in (0, 1):
         for kind, (loss, acc, center) in results[rank].items():
             want_loss, want_acc, want_center = expected[kind]

@@ -24,6 +24,7 @@ from hesscli.memory import (
 from hesscli.operators.empirical import HessianOperator
 from hesscli.options import EngineOptions
 from tests.cases import mlp_ce
+from tests.gloo import spawn_ranks
 from tests.reference import exact_hessian
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
@@ -314,7 +315,6 @@ def _dist_worker(rank: int, world: int, init: str, queue) -> None:
 
 
 def test_two_processes_plan_alike_and_match_one_without_budget(tmp_path):
-    import torch.multiprocessing as mp
 
     from hesscli.api import analyse
     from hesscli.config import Settings
@@ -324,17 +324,7 @@ def test_two_processes_plan_alike_and_match_one_without_budget(tmp_path):
     for analysis, options in DIST_SETTINGS.items():
         r = analyse(single, analysis, Settings(**options)).result
         expected[analysis] = [r.estimate] if analysis == "trace" else r.alphas.flatten().tolist()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    # shards of different sizes on the two ranks
-    procs = [ctx.Process(target=_dist_worker, args=(r, 2, f"file://{tmp_path / 'rendezvous'}", queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_ranks(_dist_worker, tmp_path)  # shards of different sizes on the two ranks
     assert "error" not in results[0] and "error" not in results[1], results
     for analysis in DIST_SETTINGS:
         assert results[0][analysis] == results[1][analysis]

@@ -509,3 +509,124 @@ def test_algorithms_do_not_depend_on_torch_nn():
     for path in Path(pkg.__file__).parent.glob("*.py"):
         text = path.read_text()
         assert "torch.nn" not in text and "from torch import nn" not in text, path.name
+
+
+# ---------------------------------------------------------------- the --tol rule for Hutch++
+
+
+def hard_spectrum(n: int = 300, seed: int = 0) -> torch.Tensor:
+    """Outliers 1e3 above an indefinite bulk, with a double value and a decaying middle: a sketch of a
+    few dozen vectors captures the outliers and part of the middle, leaving a residual that still
+    holds a visible share of the variance."""
+    values = torch.cat([torch.tensor([4000.0, 2500.0, 900.0, 900.0], dtype=F64),
+                        torch.logspace(math.log10(200.0), math.log10(5.0), 30, dtype=F64),
+                        torch.linspace(-1.0, 2.0, n - 34, dtype=F64)])
+    return symmetric(values, seed)
+
+
+def test_hutchpp_tol_plans_the_residual_from_a_pilot_and_averages_fresh_probes():
+    from hesscli.algorithms.hutchinson import MIN_FRESH_PROBES, PILOT_PROBES
+
+    M = hard_spectrum(300)
+    m, tol = 450, 3e-4
+    r = hutchpp(DenseOperator(M), n_matvecs=m, generator=gen(), tol=tol, block_size=7)
+    s = m // 3
+    # the vectors it drew, in order: the sketch S, the pilot residual probes, then the fresh ones
+    Z = probes(300, r.n_probes - s, generator=gen(), dtype=F64, device="cpu")
+    Q = torch.linalg.qr(M @ Z[:, :s]).Q
+    P = torch.eye(300, dtype=F64) - Q @ Q.T
+    G = Z[:, s:]
+    samples = (G * (P @ M @ P @ G)).sum(0)
+    exact = float((Q.T @ M @ Q).trace())
+    pilot = samples[:PILOT_PROBES]
+    planned = max(MIN_FRESH_PROBES,
+                  math.ceil((float(pilot.std()) / (tol * abs(exact + float(pilot.mean())))) ** 2))
+    assert r.converged and r.n_probes == r.n_hvp == 2 * s + PILOT_PROBES + planned < m
+    fresh = samples[PILOT_PROBES:]
+    assert r.estimate == pytest.approx(exact + float(fresh.mean()), rel=1e-12)
+    assert r.stderr == pytest.approx(float(fresh.std()) / math.sqrt(planned), rel=1e-9)
+    assert r.stderr < 1.5 * tol * abs(r.estimate)
+    # without tol the same call spends the whole budget on the residual
+    full = hutchpp(DenseOperator(M), n_matvecs=m, generator=gen(), block_size=7)
+    assert full.n_probes == m and full.converged
+
+
+def test_hutchpp_tol_does_not_depend_on_block_size():
+    A = DenseOperator(hard_spectrum(300))
+    runs = [hutchpp(A, n_matvecs=450, generator=gen(3), tol=3e-4, block_size=b) for b in (3, 16, 64)]
+    assert runs[0].n_probes == runs[1].n_probes == runs[2].n_probes < 450
+    assert runs[0].estimate == pytest.approx(runs[1].estimate, rel=1e-12)
+    assert runs[0].estimate == pytest.approx(runs[2].estimate, rel=1e-12)
+
+
+def test_hutchpp_tol_not_reached_warns_flags_and_spends_the_budget():
+    A = DenseOperator(hard_spectrum(300))
+    with pytest.warns(ConvergenceWarning, match=r"Hutch\+\+ trace: tol=1e-08 needs \d+ probes .* budget is 90"):
+        r = hutchpp(A, n_matvecs=90, generator=gen(), tol=1e-8)
+    assert not r.converged and r.n_probes == r.n_hvp == 90
+    r = hutchpp(A, n_matvecs=5, generator=gen(), tol=1e-8)  # 3 residual probes: no room for a pilot
+    assert not r.converged and r.n_probes == 5
+    with pytest.raises(InputError, match="tol=0"):
+        hutchpp(A, n_matvecs=30, generator=gen(), tol=0.0)
+
+
+@pytest.mark.filterwarnings("ignore::hesscli.errors.ConvergenceWarning")  # a few pilots plan past the budget
+@pytest.mark.parametrize(("n", "m", "tol", "seeds"), [(300, 150, 5.5e-4, 400), (400, 450, 2e-4, 300)])
+def test_hutchpp_tol_rule_is_unbiased_covers_and_reaches_the_target(n, m, tol, seeds):
+    # A small budget (m=150: a sketch of 50 vectors, 50 left for the residual, where the plan asks
+    # for about 20) and a larger one (150 vectors, a plan of about 60).
+    M = hard_spectrum(n)
+    A, truth = DenseOperator(M), float(M.trace())
+    results = [hutchpp(A, n_matvecs=m, generator=gen(s), tol=tol) for s in range(seeds)]
+    met = [r for r in results if r.converged]
+    assert len(met) >= 0.9 * seeds and all(r.n_probes <= m for r in met)
+    assert sum(r.n_probes for r in results) < 0.97 * m * seeds  # the target stops the residual early
+    assert all(r.n_probes == m for r in results if not r.converged)
+    rel = torch.tensor([r.estimate / truth - 1 for r in results], dtype=F64)
+    bias, se = float(rel.mean()), float(rel.std()) / math.sqrt(seeds)
+    assert abs(bias) < 3.3 * se, (bias, se)  # consistent with no bias (two-sided p > 0.001)
+    assert abs(bias) + 3.3 * se < tol / 2, (bias, se)  # and any bias left is well below tol
+    k, p_below, p_above = coverage(results, truth)
+    assert p_below > 1e-3 and p_above > 1e-3, (k, p_below, p_above)
+    achieved = torch.tensor([r.stderr / abs(r.estimate) / tol for r in met], dtype=F64)
+    assert 0.7 < float(achieved.median()) < 1.25, float(achieved.median())
+    # the error bar is honest: the spread of the estimates matches the reported standard errors
+    spread = float(rel.std()) * truth
+    reported = float(torch.tensor([r.stderr for r in results], dtype=F64).pow(2).mean().sqrt())
+    assert 0.75 < spread / reported < 1.33, (spread, reported)
+
+
+@pytest.mark.filterwarnings("ignore::hesscli.errors.ConvergenceWarning")  # a few cold pilots plan past the budget
+def test_hutchpp_tol_with_a_carried_sketch_reaches_the_target_with_fewer_products():
+    from hesscli.algorithms.hutchpp import hutchpp_run
+
+    # a series of slowly changing matrices, as along a training run
+    base = hard_spectrum(300)
+    E = symmetric(torch.linspace(-1.0, 1.0, 300), 7)
+    series = [base + 0.02 * t * E for t in range(4)]
+    m, tol = 150, 5.5e-4
+    cold_products, warm_products, cover_cold, cover_warm = [], [], 0, 0
+    seeds = 150
+    met = [0, 0]
+    for seed in range(seeds):
+        sketch = hutchpp_run(DenseOperator(series[0]), n_matvecs=m, generator=gen(10_000 + seed),
+                             keep_sketch=True).next_sketch
+        for M in series[1:]:
+            A, truth = DenseOperator(M), float(M.trace())
+            cold = hutchpp(A, n_matvecs=m, generator=gen(seed), tol=tol)
+            run = hutchpp_run(A, n_matvecs=m, generator=gen(seed), tol=tol, sketch=sketch, keep_sketch=True)
+            warm, sketch = run.result, run.next_sketch
+            met[0] += cold.converged
+            met[1] += warm.converged
+            cold_products.append(cold.n_probes)
+            warm_products.append(warm.n_probes)
+            cover_cold += cold.ci_low <= truth <= cold.ci_high
+            cover_warm += warm.ci_low <= truth <= warm.ci_high
+    n = len(cold_products)
+    print(f"products per run at tol={tol}: cold {sum(cold_products) / n:.1f}, warm {sum(warm_products) / n:.1f}")
+    assert sum(warm_products) < 0.8 * sum(cold_products), (sum(warm_products) / n, sum(cold_products) / n)
+    assert met[1] >= met[0] and met[1] >= 0.95 * n, met
+    from scipy.stats import binomtest
+
+    for k in (cover_cold, cover_warm):
+        assert binomtest(k, n, 0.95).pvalue > 1e-3, (k, n)

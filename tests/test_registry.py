@@ -101,6 +101,21 @@ def test_trace_tol_spellings_agree_on_the_command_line(tiny):
     assert a["estimate"] == b["estimate"] and a["n_probes"] == b["n_probes"] < 40
 
 
+def test_trace_tol_applies_to_the_default_method(tiny):
+    # Hutch++ (the default) plans its residual probes from the tolerance; it was once ignored there
+    def run(*extra):
+        result = runner.invoke(app, ["trace", str(tiny.ckpt), "--model", tiny.spec, "--data", tiny.data,
+                                     "--probes", "300", "--dtype", "float64", "--out", str(tiny.folder / "out"),
+                                     "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["result"]
+
+    full, loose = run(), run("--trace-tol", "0.5")
+    assert full["method"] == loose["method"] == "hutch++"
+    assert full["n_probes"] == 300 and loose["converged"] and loose["n_probes"] < 300
+    assert loose["stderr"] <= 0.75 * abs(loose["estimate"])
+
+
 def test_backends_get_only_their_engine_options_and_the_analysis_options():
     from hesscli.backends import get_backend
 

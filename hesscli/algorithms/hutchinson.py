@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -112,8 +113,7 @@ def hutchinson(
     _check_count("n_probes", n_probes)
     _check_count("block_size", block_size)
     _check_confidence(confidence)
-    if tol is not None and not tol > 0:
-        raise InputError(f"tol={tol}: expected a positive relative standard error such as 0.01, or None")
+    _check_tol(tol)
     check_generator(generator)
     groups = GroupSums(A)
     before = A.n_matvecs
@@ -129,57 +129,72 @@ def hutchinson(
             del AZ, Z
         return torch.cat(blocks, dim=1).cpu()
 
-    pilot = 0 if tol is None else min(PILOT_PROBES, n_probes // 2)
-    if pilot < 2:  # no tol, or no room for a pilot: one sample of fixed size
-        samples = sample(n_probes)
-        converged = True
-        if tol is not None:
-            mean, se, _, _ = summarise(samples[-1], confidence)
-            converged = se <= tol * abs(mean)
-            if not converged:
-                _warn(f"relative standard error {se / abs(mean) if mean else math.inf:.3g} after {n_probes} "
-                      f"probes is above tol={tol} (no room for a pilot sample)")
-        return trace_result(
-            samples, groups, confidence, offset=None, method="hutchinson",
-            n_probes=n_probes, n_hvp=A.n_matvecs - before, converged=converged,
-        )
+    if tol is None:
+        samples, pilot, converged = sample(n_probes), 0, True
+    else:
+        samples, pilot, converged = two_stage(sample, n_probes, tol, confidence, name="Hutchinson")
+    return trace_result(
+        samples, groups, confidence, offset=None, method="hutchinson",
+        n_probes=pilot + samples.shape[1], n_hvp=A.n_matvecs - before, converged=converged,
+    )
 
-    assert tol is not None  # a pilot is only drawn for a tolerance
+
+def two_stage(sample: Callable[[int], Tensor], room: int, tol: float, confidence: float, *,
+              offset: float = 0.0, spent: int = 0, name: str) -> tuple[Tensor, int, bool]:
+    """Samples for a target ``stderr / |offset + mean| <= tol``, planned in two stages (see :func:`hutchinson`).
+
+    ``sample(count)`` returns ``[G + 1, count]`` samples of fresh probes (the total last). A pilot
+    of ``PILOT_PROBES`` (grown by as many while its relative standard error is above
+    ``PILOT_REL_STDERR``, never past half of ``room``) plans the count; the plan's fresh samples
+    are returned alone. ``offset`` is an exact part of the estimate (Hutch++'s ``tr(Qᵀ A Q)``):
+    the target is relative to the whole trace, and ``spent`` the products that part took (for the
+    warning's totals). With no room for a pilot, ``room`` samples are drawn and only flagged.
+
+    Returns:
+        ``(samples, pilot, converged)``: the samples the estimate uses, the products the pilot
+        spent, and whether the target was planned within ``room``.
+    """
+    pilot = min(PILOT_PROBES, room // 2)
+    if pilot < 2:  # no room for a pilot: one sample of fixed size
+        samples = sample(room)
+        mean, se, _, _ = summarise(samples[-1], confidence)
+        total = offset + mean
+        converged = se <= tol * abs(total)
+        if not converged:
+            _warn(name, f"relative standard error {se / abs(total) if total else math.inf:.3g} after {room} "
+                        f"probes is above tol={tol} (no room for a pilot sample)")
+        return samples, 0, converged
     drawn = sample(pilot)[-1]
     m0, s0 = _mean_std(drawn)  # one sync per pilot block: the plan needs it
-    while s0 > PILOT_REL_STDERR * abs(m0) * math.sqrt(pilot) and pilot + PILOT_PROBES <= n_probes // 2:
+    while s0 > PILOT_REL_STDERR * abs(offset + m0) * math.sqrt(pilot) and pilot + PILOT_PROBES <= room // 2:
         drawn = torch.cat([drawn, sample(PILOT_PROBES)[-1]])
         pilot += PILOT_PROBES
         m0, s0 = _mean_std(drawn)
-    planned: float  # probes; infinite when the mean is zero
+    t0 = offset + m0
+    planned: float  # probes; infinite when the trace looks like zero
     if s0 == 0:
         planned = MIN_FRESH_PROBES
-    elif m0 == 0:
+    elif t0 == 0:
         planned = math.inf
     else:
-        planned = max(MIN_FRESH_PROBES, math.ceil((s0 / (tol * abs(m0))) ** 2))
-    room = n_probes - pilot
-    converged = planned <= room
-    fresh = min(planned, room)
-    logger.debug("Hutchinson tol=%g: pilot of %d probes plans %s fresh probes", tol, pilot, planned)
+        planned = max(MIN_FRESH_PROBES, math.ceil((s0 / (tol * abs(t0))) ** 2))
+    fresh = min(planned, room - pilot)
+    converged = planned <= room - pilot
+    logger.debug("%s tol=%g: pilot of %d probes plans %s fresh probes", name, tol, pilot, planned)
     if not converged:
-        need = "an unbounded number of" if math.isinf(planned) else f"{pilot + planned}"
-        _warn(f"tol={tol} needs {need} probes (planned from a pilot of {pilot}, relative spread "
-              f"{s0 / abs(m0) if m0 else math.inf:.3g} per probe), the budget is {n_probes}; the estimate uses "
-              f"{fresh} fresh probes and is above tol; raise the probe budget or loosen tol")
-    samples = sample(int(fresh))
-    return trace_result(
-        samples, groups, confidence, offset=None, method="hutchinson",
-        n_probes=pilot + int(fresh), n_hvp=A.n_matvecs - before, converged=converged,
-    )
+        need = "an unbounded number of" if math.isinf(planned) else f"{spent + pilot + planned}"
+        _warn(name, f"tol={tol} needs {need} probes (planned from a pilot of {pilot}, relative spread "
+                    f"{s0 / abs(t0) if t0 else math.inf:.3g} per probe), the budget is {spent + room}; the estimate uses "
+                    f"{fresh} fresh probes and is above tol; raise the probe budget or loosen tol")
+    return sample(int(fresh)), pilot, converged
 
 
 def _mean_std(x: Tensor) -> tuple[float, float]:
     return float(x.mean()), float(x.std(correction=1))
 
 
-def _warn(text: str) -> None:
-    warnings.warn(f"Hutchinson trace: {text}", ConvergenceWarning, stacklevel=3)
+def _warn(name: str, text: str) -> None:
+    warnings.warn(f"{name} trace: {text}", ConvergenceWarning, stacklevel=4)
 
 
 class GroupSums:
@@ -326,3 +341,8 @@ def _check_count(name: str, value: int) -> None:
 def _check_confidence(confidence: float) -> None:
     if not 0 < confidence < 1:
         raise InputError(f"confidence={confidence}: expected a coverage strictly between 0 and 1, e.g. 0.95")
+
+
+def _check_tol(tol: float | None) -> None:
+    if tol is not None and not tol > 0:
+        raise InputError(f"tol={tol}: expected a positive relative standard error such as 0.01, or None")

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hesscli.algorithms.hutchinson import GroupSums, _check_confidence, _check_count, hutchinson, trace_result
+from hesscli.algorithms.hutchinson import (
+    GroupSums,
+    _check_confidence,
+    _check_count,
+    _check_tol,
+    hutchinson,
+    trace_result,
+    two_stage,
+)
 from hesscli.algorithms.sampling import check_generator, probes
 from hesscli.operators.base import CurvatureOperator
 from hesscli.results.records import TraceResult
@@ -31,6 +39,7 @@ def hutchpp(
     block_size: int = 16,
     confidence: float = 0.95,
     sketch: Tensor | None = None,
+    tol: float | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` with Hutch++ under a budget of ``n_matvecs`` products.
 
@@ -64,10 +73,17 @@ def hutchpp(
         confidence: Coverage of the interval.
         sketch: ``[size, m // 3]``: a sketch from elsewhere in place of ``A S`` (see
             :func:`hutchpp_run`); ``None`` (default) multiplies a fresh ``S``.
+        tol: Optional target for ``stderr / |trace|``. The sketch and ``Q`` are as without it
+            (``2 m / 3`` products); the residual probes are then planned in two stages, as
+            :func:`~hesscli.algorithms.hutchinson.hutchinson` plans its probes with ``tol``: a
+            pilot of residual probes (set aside) fixes how many fresh ones the target needs, and
+            the estimate uses those alone, so it stays exactly unbiased. At most the budget is
+            spent; where the target needs more, the rest of the budget is used, a
+            :class:`~hesscli.errors.ConvergenceWarning` is issued and ``converged`` is ``False``.
 
     Returns:
         :class:`TraceResult` with ``method="hutch++"``; ``n_probes`` counts the vectors
-        multiplied (``m``), like ``n_hvp``.
+        multiplied, like ``n_hvp`` (``m`` without ``tol``).
 
     Raises:
         InputError: For a non-positive budget or block size, a bad ``confidence`` or a
@@ -81,7 +97,7 @@ def hutchpp(
         (101.01, 9)
     """
     return hutchpp_run(A, n_matvecs=n_matvecs, generator=generator, block_size=block_size, confidence=confidence,
-                       sketch=sketch).result
+                       sketch=sketch, tol=tol).result
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,7 @@ def hutchpp_run(
     confidence: float = 0.95,
     sketch: Tensor | None = None,
     keep_sketch: bool = False,
+    tol: float | None = None,
 ) -> HutchppRun:
     """:func:`hutchpp`, with a sketch carried from one operator to the next (a series of checkpoints).
 
@@ -114,7 +131,9 @@ def hutchpp_run(
     anyway, ``s`` more vectors of memory): carried along a series, ``Q`` then takes one step of
     subspace iteration per checkpoint and approaches the dominant eigenvectors, so the residual
     holds less of the trace and its probes more of the budget. A sketch of another shape, or
-    not finite, is ignored (a cold run).
+    not finite, is ignored (a cold run). With ``tol``, a carried sketch leaves more of the budget
+    to the residual and a better ``Q`` leaves it less variance, so the target costs fewer
+    products along a series.
 
     Returns:
         :class:`HutchppRun`.
@@ -125,10 +144,11 @@ def hutchpp_run(
     _check_count("n_matvecs", n_matvecs)
     _check_count("block_size", block_size)
     _check_confidence(confidence)
+    _check_tol(tol)
     check_generator(generator)
     if n_matvecs < 3:
         return HutchppRun(hutchinson(A, n_probes=n_matvecs, generator=generator, block_size=block_size,
-                                     confidence=confidence))
+                                     confidence=confidence, tol=tol))
     groups = GroupSums(A)
     before = A.n_matvecs
     n, s = A.size, n_matvecs // 3
@@ -170,17 +190,25 @@ def hutchpp_run(
 
     # Residual: zᵀ D_g (I - P) A (I - P) z for fresh probes z; the products are of projected probes,
     # so the large eigen-directions that Q holds cannot leak into the samples.
-    blocks = []
-    for c in range(0, n_residual, block_size):
-        b = min(block_size, n_residual - c)
-        G = draw(b)
-        R = A.matmat(G - Q @ (Q.T @ G))
-        R -= Q @ (Q.T @ R)
-        blocks.append(groups(G.mul_(R)))
-        del R, G
-    samples = torch.cat(blocks, dim=1).cpu()
+    def residual(count: int) -> Tensor:
+        blocks = []
+        for c in range(0, count, block_size):
+            b = min(block_size, count - c)
+            G = draw(b)
+            R = A.matmat(G - Q @ (Q.T @ G))
+            R -= Q @ (Q.T @ R)
+            blocks.append(groups(G.mul_(R)))
+            del R, G
+        return torch.cat(blocks, dim=1).cpu()
+
+    assert exact is not None  # Q has at least one column
+    if tol is None:
+        samples, pilot, converged = residual(n_residual), 0, True
+    else:
+        samples, pilot, converged = two_stage(residual, n_residual, tol, confidence, offset=float(exact[-1]),
+                                              spent=n_matvecs - n_residual, name="Hutch++")
     result = trace_result(
         samples, groups, confidence, offset=exact, method="hutch++",
-        n_probes=n_matvecs, n_hvp=A.n_matvecs - before,
+        n_probes=n_matvecs - n_residual + pilot + samples.shape[1], n_hvp=A.n_matvecs - before, converged=converged,
     )
     return HutchppRun(result, AQ)

@@ -28,8 +28,8 @@ class TraceOptions:
     probes: int = option(100, minimum=1, metavar="N", panel=ANALYSIS,
                          help="Trace budget: probes (hutchinson) or products (hutch++). Default 100.")
     tol: float | None = option(None, key="trace_tol", minimum=0.0, metavar="REL", panel=ANALYSIS, help=(
-        "Target stderr/|trace| (hutchinson): a pilot sample plans the probe count, the estimate averages fresh "
-        "probes; the --probes budget caps it. On scan: --trace-tol."))
+        "Target stderr/|trace|: a pilot sample plans the probe count (hutch++: the residual probes after its "
+        "sketch), the estimate averages fresh probes; the --probes budget caps it. On scan: --trace-tol."))
 
 
 class Trace(Analysis):

@@ -276,7 +276,8 @@ class NativeBackend:
             block = self.fit(op, held=self._vectors(op, held), held_what=f"Hutch++'s sketch basis Q ({s} vectors, "
                              f"{held} held while it is formed)", fewer=fewer)
             run = hutchpp_run(op, n_matvecs=options.probes, generator=generator, keep_sketch=warm is not None,
-                              sketch=warm.get(key, op.size) if warm is not None else None, block_size=block)
+                              sketch=warm.get(key, op.size) if warm is not None else None, block_size=block,
+                              tol=options.tol)
             if warm is not None:
                 warm.put(key, op.size, run.next_sketch)
             return run.result

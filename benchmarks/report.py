@@ -222,8 +222,8 @@ def write_report(results: dict[str, Any], path: Path) -> str:
     L.append("# hesscli benchmark results\n")
     L.append(f"Generated {results['generated']} by `{results['command']}` "
              f"(wall time {fmt_time(results.get('wall_seconds'))}).\n")
-    later = [(name, results[name]["generated"]) for name in ("scan_series", "density_equal_error", "big_models",
-                                                             "contention")
+    later = [(name, results[name]["generated"]) for name in ("scan_series", "scan_tol", "density_equal_error",
+                                                             "big_models", "contention")
              if isinstance(results.get(name), dict) and results[name].get("generated", "") > str(results["generated"])]
     if later:
         L.append("Sections measured later, alone (`python -m benchmarks.run --only ...` or the section's module; "
@@ -262,7 +262,7 @@ def write_report(results: dict[str, Any], path: Path) -> str:
         u, info = w.get("unit", {}), w["info"]
         g = u.get("gradient_s")
 
-        def x(key: str) -> str:
+        def x(key: str, u: dict[str, Any] = u, g: Any = g) -> str:
             val = u.get(key)
             return "FAIL" if val is None else f"{fmt_time(val)} ({val / g:.2f}x)"
 
@@ -328,6 +328,10 @@ def write_report(results: dict[str, Any], path: Path) -> str:
         from benchmarks.scan_series import markdown as scan_series_markdown
 
         L.append(scan_series_markdown(results["scan_series"]))
+    if results.get("scan_tol"):
+        from benchmarks.scan_series import markdown_tol
+
+        L.append(markdown_tol(results["scan_tol"]))
     if results.get("density_equal_error"):
         from benchmarks.density_equal_error import markdown as density_markdown
 

@@ -21,7 +21,7 @@ import math
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, ou
     peers.install_counters()
     t_start = time.perf_counter()
     results: dict[str, Any] = {
-        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command or "python -m benchmarks.run " + " ".join(sys.argv[1:]),
         "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
         "versions": versions(),
@@ -148,7 +148,7 @@ def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, ou
     return results
 
 
-SECTIONS = ("scan_series", "density_equal_error", "big_models", "contention")
+SECTIONS = ("scan_series", "scan_tol", "density_equal_error", "big_models", "contention")
 """Sections measured in separate processes after the workloads, also runnable alone with ``--only``."""
 
 
@@ -159,6 +159,10 @@ def run_section(name: str, *, repeats: int = 3, device: str = "cpu") -> dict[str
         from benchmarks import scan_series
 
         out = scan_series.run()
+    elif name == "scan_tol":
+        from benchmarks import scan_series
+
+        out = scan_series.run_tol()
     elif name == "density_equal_error":
         from benchmarks import density_equal_error
 
@@ -173,7 +177,7 @@ def run_section(name: str, *, repeats: int = 3, device: str = "cpu") -> dict[str
         out = contention.run(repeats=min(repeats, 2), log=logger.info)
     else:
         raise ValueError(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
-    out["generated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out["generated"] = datetime.now(UTC).isoformat(timespec="seconds")
     out["wall_seconds"] = time.perf_counter() - t0
     return out
 

@@ -86,7 +86,7 @@ def hutchpp(
         multiplied, like ``n_hvp`` (``m`` without ``tol``).
 
     Raises:
-        InputError: For a non-positive budget or block size, a bad ``confidence`` or a
+        InputError: For a non-positive budget or block size, a bad ``confidence`` or ``tol``, or a
             non-CPU generator.
 
     Example:

@@ -123,12 +123,37 @@ def test_backend_fit_lowers_columns_for_lower_budgets():
     problem = mlp_ce()
     blocks = []
     for budget in ("100MB", "60KB", "40KB"):
-        backend = NativeBackend(EngineOptions(max_memory=budget))
+        backend = NativeBackend(EngineOptions(max_memory=budget, hvp="func"))  # blocks batch columns there
         op = backend.operator(problem)
         blocks.append(backend.fit(op))
         assert op.max_columns == blocks[-1]
     assert blocks[0] == 16 and blocks == sorted(blocks, reverse=True) and blocks[-1] < 16
     assert activation_bytes(problem) > 0 and resident_bytes(problem) > 0
+
+
+@pytest.mark.parametrize(("engine", "one_by_one"), [
+    ({}, True),  # CPU Hessian: double backward over cached graphs, column by column
+    ({"hvp": "autograd"}, True),
+    ({"hvp": "func"}, False),  # vmapped blocks: a block is one batched pass
+    ({"curvature": "ggn"}, False),  # the GGN's autograd path runs a forward pass per block
+])
+def test_blocks_stay_small_where_columns_are_multiplied_one_at_a_time(engine, one_by_one):
+    from hesscli.memory import COLUMN_BLOCK, DEFAULT_BLOCK
+
+    problem = mlp_ce()
+    for budget in (None, "100MB"):
+        backend = NativeBackend(EngineOptions(max_memory=budget, **engine))
+        op = backend.operator(problem)
+        assert op.one_column_at_a_time is one_by_one
+        assert backend.fit(op) == (COLUMN_BLOCK if one_by_one else DEFAULT_BLOCK)
+    # the numbers do not depend on it: the same trace as with blocks of 16 (float64)
+    if one_by_one and not engine:
+        from hesscli.algorithms.hutchpp import hutchpp
+
+        op = NativeBackend().operator(problem)
+        small = NativeBackend().trace(problem, TraceOptions(method="hutch++", probes=60), _gen())
+        big = hutchpp(op, n_matvecs=60, generator=_gen(), block_size=DEFAULT_BLOCK)
+        assert small.estimate == pytest.approx(big.estimate, rel=1e-12) and small.stderr == pytest.approx(big.stderr)
 
 
 def test_hutchpp_basis_too_big_is_refused_with_the_fix():

@@ -19,6 +19,7 @@ from hesscli.backends.base import Capabilities, Reduce
 from hesscli.errors import InputError
 from hesscli.loading.problem import Problem
 from hesscli.memory import (
+    COLUMN_BLOCK,
     DEFAULT_BLOCK,
     HEADROOM,
     VECTORS_PER_COLUMN,
@@ -126,7 +127,8 @@ class NativeBackend:
             block: int = DEFAULT_BLOCK) -> int:
         """Size the products of the next analysis to ``max_memory``; return its probe block size.
 
-        Without a budget nothing changes and ``block`` is returned. With one, the operator's
+        Without a budget ``block`` is returned, at most :data:`~hesscli.memory.COLUMN_BLOCK` where
+        the operator multiplies one column at a time anyway. With one, the operator's
         :attr:`~hesscli.operators.empirical.EmpiricalRiskOperator.max_columns` and data chunk
         are set from :func:`~hesscli.memory.plan_memory`, and the gradient-graph cache is kept
         only when it fits beside the products.
@@ -141,6 +143,8 @@ class NativeBackend:
         Raises:
             InputError: when the budget cannot hold the model, the data, ``held`` and one column.
         """
+        if op.one_column_at_a_time:  # a block saves no work there: only memory
+            block = min(block, COLUMN_BLOCK)
         if self.max_memory is None:
             return block
         resident, per_sample, batch = self._measure(op)

@@ -341,6 +341,13 @@ class EmpiricalRiskOperator(CurvatureOperator):
         """Whether ``auto`` uses double backward without measuring (see the module docstring)."""
         return False
 
+    @property
+    def one_column_at_a_time(self) -> bool:
+        """Whether a block of ``k`` columns costs ``k`` separate products here: double backward over
+        cached gradient graphs (the CPU Hessian path) multiplies column by column, so a larger block
+        saves no work and only holds more memory."""
+        return False
+
     def _matmat_func(self, V: Tensor) -> Tensor:
         out = torch.zeros_like(V)
         for start in range(0, V.shape[1], self.block_size):
@@ -413,6 +420,10 @@ class HessianOperator(EmpiricalRiskOperator):
 
     def _autograd_by_rule(self) -> bool:
         return self.cache_graph and self.device.type == "cpu"
+
+    @property
+    def one_column_at_a_time(self) -> bool:
+        return self.cache_graph and self.path_for(MIN_TUNE_BLOCK) == "autograd"
 
     def _prepare_autograd(self) -> None:
         for i, (x, y) in enumerate(self._batches):

@@ -183,8 +183,9 @@ def run(workloads: list[str], repeats: int, settings: list[str] | None = None) -
                     else:
                         t, last[key] = _timed(pyhessian_cmd(name, folder, spec["kwargs"]), folder)
                     times[key].append(t)
+            today = time.strftime("%Y-%m-%d", time.gmtime())
             for key in todo:
-                rows.append({"workload": name, "setting": key, "library": SETTINGS[key]["library"],
+                rows.append({"workload": name, "setting": key, "library": SETTINGS[key]["library"], "measured": today,
                              "n_params": prep["workload"].n_params,
                              "seconds": statistics.median(times[key]), "all_seconds": times[key],
                              "n_hvp": last[key]["n_hvp"], "error": max_rel_error(last[key]["eigs"], top),
@@ -207,8 +208,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "Both at their defaults, and each with its tolerance moved to the other's accuracy. "
         "Targets: 5× at defaults, 10× at equal accuracy (not met; see below).",
         "",
-        "| workload | parameters | run | seconds | products | max rel. error |",
-        "|---|---|---|---|---|---|",
+        "| workload | parameters | run | seconds | products | max rel. error | measured |",
+        "|---|---|---|---|---|---|---|",
     ]
     by = {(r["workload"], _setting(r)): r for r in rows}
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
@@ -217,7 +218,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             r = by.get((name, key))
             if r is not None:
                 lines.append(f"| {name} | {r['n_params']:,} | {LABELS[key]} | {r['seconds']:.2f} "
-                             f"({len(r['all_seconds'])}) | {r['n_hvp']} | {r['error']:.1e} |")
+                             f"({len(r['all_seconds'])}) | {r['n_hvp']} | {r['error']:.1e} | {r.get('measured', '-')} |")
     lines += ["", "| workload | speed-up at defaults | at PyHessian's accuracy (hesscli `--tol 1e-2`) "
               "| at hesscli's accuracy (PyHessian `tol=1e-6`) |", "|---|---|---|---|"]
     for name in workloads:

@@ -116,6 +116,25 @@ def test_trace_tol_applies_to_the_default_method(tiny):
     assert loose["stderr"] <= 0.75 * abs(loose["estimate"])
 
 
+def test_python_trace_takes_tol_as_its_own_option():
+    # `hesscli.trace(..., tol=)` is trace's tolerance, as `hesscli trace --tol` is; it used to be
+    # taken as the eigenvalue tolerance and ignored
+    import torch
+
+    from hesscli.errors import InputError
+
+    torch.manual_seed(0)
+    X, y = torch.randn(128, 6, dtype=torch.float64), torch.randn(128, 1, dtype=torch.float64)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    a = hesscli.trace(net, "mse", (X, y), tol=0.05, probes=300, dtype="float64")
+    b = hesscli.trace(net, "mse", (X, y), trace_tol=0.05, probes=300, dtype="float64")
+    assert a.estimate == b.estimate and a.n_probes == b.n_probes < 300 and a.converged
+    with pytest.raises(InputError, match="same option of trace"):
+        hesscli.trace(net, "mse", (X, y), tol=0.05, trace_tol=0.1)
+    e = hesscli.eigs(net, "mse", (X, y), tol=1e-3, top_k=2, dtype="float64")  # eigs' own tol is `tol`
+    assert all(e.converged)
+
+
 def test_backends_get_only_their_engine_options_and_the_analysis_options():
     from hesscli.backends import get_backend
 

@@ -191,10 +191,25 @@ def settings_for_python(options: dict[str, Any]) -> Settings:
     return Settings(**options)
 
 
+def _own_names(analysis: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The analysis's own option names (``tol`` of ``trace``, as its docstring lists them) under
+    their settings keys (``trace_tol``): ``hesscli.trace(..., tol=0.01)`` is trace's tolerance, as
+    ``hesscli trace --tol`` is, not the eigenvalue tolerance of the other analyses."""
+    from hesscli.options import declared
+
+    out = dict(options)
+    for key, field, _ in declared(REGISTRY[analysis].Options):
+        if key != field.name and field.name in out:
+            if key in out:
+                raise InputError(f"{field.name}= and {key}= are the same option of {analysis}: pass one of them")
+            out[key] = out.pop(field.name)
+    return out
+
+
 def _python(analysis: str, model: nn.Module, loss: Any, data: Any, options: dict[str, Any]) -> Any:
     from hesscli.loading import problem_from_python
 
-    settings = settings_for_python(options)
+    settings = settings_for_python(_own_names(analysis, options))
     problem = problem_from_python(model, loss, data, settings)  # a private copy: ``model`` stays as it is
     return analyse(problem, analysis, settings).result
 

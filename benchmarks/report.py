@@ -331,7 +331,7 @@ def write_report(results: dict[str, Any], path: Path) -> str:
     if results.get("scan_tol"):
         from benchmarks.scan_series import markdown_tol
 
-        L.append(markdown_tol(results["scan_tol"]))
+        L.append(markdown_tol(results["scan_tol"], results.get("scan_series")))
     if results.get("density_equal_error"):
         from benchmarks.density_equal_error import markdown as density_markdown
 

@@ -2,12 +2,15 @@
 
 Builds the workloads and their float64 references (cached in ``benchmarks/out/``), runs every
 library on every workload in this process, then the sections that run in separate processes
-(whole processes, a series of checkpoints, density at equal accuracy, big models, thread contention;
+(whole processes, a series of checkpoints at default budgets and at a target accuracy, density at equal
+accuracy, big models, thread contention;
 not under ``--quick``), writes
 ``benchmarks/results.json`` and regenerates ``benchmarks/RESULTS.md``.
 
-``--only scan_series,density_equal_error,big_models,contention`` runs just those separate sections and replaces them in the
-existing ``results.json`` (the rest is kept as it is), then regenerates RESULTS.md.
+``--only SECTIONS`` (some of :data:`SECTIONS`: scan_series, scan_tol, density_equal_error, big_models,
+contention) runs just those separate sections and replaces them in the existing ``results.json`` (the rest is
+kept as it is), then regenerates RESULTS.md. ``--keep-sections`` measures the workloads and whole processes and
+keeps the separate sections of the existing results.
 """
 
 from __future__ import annotations

@@ -131,3 +131,41 @@ def test_compiled_product_on_a_tiny_model_agrees(one_thread):
     assert row["paths"]["compiled"]["status"] == "ok", row["paths"]["compiled"]
     assert row["agreement"]["compiled_vs_autograd"] < 1e-5
     assert row["paths"]["compiled"]["block_vs_func"] < 1e-5
+
+
+def _whole_row(workload: str, setting: str | None, seconds: float, n_hvp: int, error: float) -> dict:
+    row = {"workload": workload, "library": (setting or "hesscli").split("_")[0], "n_params": 1000,
+           "seconds": seconds, "all_seconds": [seconds], "n_hvp": n_hvp, "error": error}
+    if setting is not None:
+        row["setting"] = setting
+    return row
+
+
+def test_whole_process_speed_ups_at_defaults_and_at_equal_accuracy():
+    from benchmarks.whole_process import markdown
+
+    rows = [_whole_row("W2", "hesscli", 4.0, 36, 1e-5), _whole_row("W2", "hesscli_loose", 2.0, 24, 5e-5),
+            _whole_row("W2", "pyhessian", 8.0, 120, 4e-3), _whole_row("W2", "pyhessian_tight", 12.0, 270, 2e-5),
+            _whole_row("W4", None, 40.0, 36, 6e-6), {**_whole_row("W4", None, 160.0, 123, 2e-3), "library": "pyhessian"}]
+    text = markdown(rows)
+    assert "| W2 | 2.0× (120 / 36 products) | 4.0× (120 / 24 products) | ≥ 3.0× (270 / 36 products) " \
+           "(PyHessian still 2.0x the error) |" in text
+    assert "| W4 | 4.0× (123 / 36 products) | - | - |" in text  # rows of an older run: defaults only
+    rows[1]["error"] = 1e-2  # hesscli looser than PyHessian: said so, not counted as equal accuracy
+    assert "(hesscli less accurate)" in markdown(rows)
+
+
+def test_scan_at_a_target_accuracy_quotes_its_ratios_from_the_data():
+    from benchmarks.scan_series import markdown_tol
+
+    def rows(trace: int, eigs: int) -> list[dict]:
+        return [{"step": 2 * i, "seconds": 1.0, "load": 0.0, "n_hvp": {"trace": trace, "eigs": eigs, "extremes": 0},
+                 "trace_rel_stderr": 1e-3, "trace_converged": i != 3} for i in range(5)]
+
+    cfg = {"checkpoints": 5, "tol": 2e-3, "probes": 300, "ref_steps": []}
+    text = markdown_tol({"config": cfg, "warm": rows(100, 50), "cold": rows(200, 100)})
+    assert "| warm starts (default) | 150 (100 + 50 + 0) | 1.00 | 3/4 |" in text
+    assert "cold / warm: **2.00x** (trace 2.00x, eigs + extremes 2.00x; target ≥ 2x: met)" in text
+    series = {"warm": [{"n_hvp": {"a": 500}}] * 3, "cold": [{"n_hvp": {"a": 510}}] * 3}
+    assert "it is the 1.02x of the section above" in markdown_tol({"config": cfg, "warm": rows(100, 50),
+                                                                    "cold": rows(200, 100)}, series)

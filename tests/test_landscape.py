@@ -162,7 +162,6 @@ def _gloo_worker(rank: int, world: int, init: str, queue) -> None:
 
 
 def test_two_gloo_processes_give_the_single_process_grid(tmp_path):
-
     from hesscli.api import analyse
     from hesscli.config import Settings
 

@@ -340,7 +340,6 @@ def _dist_worker(rank: int, world: int, init: str, queue) -> None:
 
 
 def test_two_processes_plan_alike_and_match_one_without_budget(tmp_path):
-
     from hesscli.api import analyse
     from hesscli.config import Settings
 

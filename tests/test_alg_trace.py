@@ -572,12 +572,14 @@ def test_hutchpp_tol_not_reached_warns_flags_and_spends_the_budget():
 
 
 @pytest.mark.filterwarnings("ignore::hesscli.errors.ConvergenceWarning")  # a few pilots plan past the budget
-@pytest.mark.parametrize(("n", "m", "tol", "seeds"), [(300, 150, 5.5e-4, 400), (400, 450, 2e-4, 300)])
-def test_hutchpp_tol_rule_is_unbiased_covers_and_reaches_the_target(n, m, tol, seeds):
+@pytest.mark.parametrize(("n", "m", "tol", "seeds", "dtype"), [(300, 150, 5.5e-4, 400, torch.float64),
+                                                                (400, 450, 2e-4, 300, torch.float64),
+                                                                (300, 150, 5.5e-4, 400, torch.float32)])
+def test_hutchpp_tol_rule_is_unbiased_covers_and_reaches_the_target(n, m, tol, seeds, dtype):
     # A small budget (m=150: a sketch of 50 vectors, 50 left for the residual, where the plan asks
-    # for about 20) and a larger one (150 vectors, a plan of about 60).
+    # for about 20) and a larger one (150 vectors, a plan of about 60); float32 products as well.
     M = hard_spectrum(n)
-    A, truth = DenseOperator(M), float(M.trace())
+    A, truth = DenseOperator(M.to(dtype)), float(M.to(dtype).double().trace())
     results = [hutchpp(A, n_matvecs=m, generator=gen(s), tol=tol) for s in range(seeds)]
     met = [r for r in results if r.converged]
     assert len(met) >= 0.9 * seeds and all(r.n_probes <= m for r in met)

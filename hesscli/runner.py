@@ -44,6 +44,12 @@ class WarmStarts:
         item = self._items.get(key)
         return item[1] if item is not None and item[0] == size else None
 
+    def take(self, key: object, size: int) -> Any:
+        """:meth:`get`, handing the item over (it is forgotten here: the taker may overwrite it)."""
+        value = self.get(key, size)
+        self._items.pop(key, None)
+        return value
+
     def put(self, key: object, size: int, value: Any) -> None:
         """Leave ``value`` (or forget ``key`` when ``None``) for the next checkpoint."""
         if value is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import types
 from pathlib import Path
@@ -290,6 +291,91 @@ def test_hutchpp_block_size_and_seed():
     assert a.estimate == pytest.approx(b.estimate, rel=1e-10)
     assert a.stderr == pytest.approx(b.stderr, rel=1e-8)
     assert hutchpp(A, n_matvecs=40, generator=gen(9), block_size=3) == a
+
+
+# ---------------------------------------------------------------- Hutch++'s basis, formed in place
+
+
+def sketch_with_condition(n: int, s: int, cond: float, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """An ``[n, s]`` matrix with singular values spread log-evenly from 1 to ``1 / cond``."""
+    U, _ = torch.linalg.qr(torch.randn(n, s, generator=gen(seed), dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(s, s, generator=gen(seed + 1), dtype=F64))
+    return ((U * torch.logspace(0, -math.log10(cond), s, dtype=F64)) @ V.T).to(dtype)
+
+
+def projector_distance(Q: torch.Tensor, Y: torch.Tensor) -> float:
+    """Largest part of a column of ``Y`` (normalised) outside the span of ``Q``."""
+    Yn = Y.to(F64) / torch.linalg.vector_norm(Y.to(F64), dim=0)
+    Q = Q.to(F64)
+    return float(torch.linalg.vector_norm(Yn - Q @ (Q.T @ Yn), dim=0).max())
+
+
+@pytest.mark.parametrize("dtype,eps", [(torch.float32, 6e-8), (F64, 1.1e-16)])
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e5])
+def test_orthonormalise_in_place_is_as_orthonormal_as_householder_and_spans_the_sketch(dtype, eps, cond):
+    from hesscli.algorithms.hutchpp import orthonormalise_
+
+    Y = sketch_with_condition(3000, 33, cond, dtype)
+    Y0 = Y.clone()
+    Q = orthonormalise_(Y)
+    assert Q.data_ptr() == Y.data_ptr() and Q.shape == (3000, 33) and Q.dtype == dtype  # no copy
+    eye = torch.eye(33, dtype=F64)
+    loss = float((Q.to(F64).T @ Q.to(F64) - eye).abs().max())
+    assert loss <= 50 * eps  # Householder QR: a few eps too (float32 ~7e-7 here)
+    # every column of the sketch lies in the span, up to the rounding of the sketch amplified by cond
+    assert projector_distance(Q, Y0) < 100 * eps * cond
+
+
+def test_orthonormalise_chunks_do_not_change_the_basis(monkeypatch):
+    mod = importlib.import_module("hesscli.algorithms.hutchpp")  # the package exports a function of that name
+
+    Y = sketch_with_condition(500, 12, 1e4, F64, seed=3)
+    whole = mod.orthonormalise_(Y.clone())
+    monkeypatch.setattr(mod, "ORTH_CHUNK_BYTES", 16 * 12 * 7)  # chunks of 7 rows
+    assert mod._orth_rows(500, 12) == 7
+    assert torch.allclose(mod.orthonormalise_(Y.clone()), whole, atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("shape,rank", [((200, 20), 5), ((4, 9), 4)])
+def test_orthonormalise_of_a_rank_deficient_sketch_falls_back_to_householder(shape, rank):
+    from hesscli.algorithms.hutchpp import orthonormalise_
+
+    n, s = shape
+    Y = torch.randn(n, rank, generator=gen(5), dtype=F64) @ torch.randn(rank, s, generator=gen(6), dtype=F64)
+    Y0 = Y.clone()
+    Q = orthonormalise_(Y)
+    k = min(n, s)
+    assert Q.shape == (n, k) and Q.data_ptr() != Y.data_ptr()
+    assert torch.allclose(Q.T @ Q, torch.eye(k, dtype=F64), atol=1e-12)
+    assert projector_distance(Q, Y0) < 1e-12
+
+
+def test_hutchpp_estimate_does_not_depend_on_how_the_basis_is_orthonormalised(monkeypatch):
+    """Hutch++ depends on Q only through the projector QQᵀ: Householder's basis gives the same
+    estimate, interval and groups."""
+    mod = importlib.import_module("hesscli.algorithms.hutchpp")  # the package exports a function of that name
+
+    A, _ = grouped_operator(4)
+    ours = [hutchpp(A, n_matvecs=45, generator=gen(seed)) for seed in range(3)]
+    monkeypatch.setattr(mod, "orthonormalise_", lambda Y: torch.linalg.qr(Y).Q)
+    for seed, a in enumerate(ours):
+        b = hutchpp(A, n_matvecs=45, generator=gen(seed))
+        assert a.estimate == pytest.approx(b.estimate, rel=1e-12)
+        assert a.stderr == pytest.approx(b.stderr, rel=1e-9)
+        for ga, gb in zip(a.groups, b.groups):
+            assert ga.estimate == pytest.approx(gb.estimate, rel=1e-10, abs=1e-12)
+
+
+def test_hutchpp_orthonormalises_a_carried_sketch_in_place():
+    """A sketch handed to the next run (same dtype and device) becomes that run's Q: no copy."""
+    from hesscli.algorithms.hutchpp import hutchpp_run
+
+    A, _ = grouped_operator(5)
+    first = hutchpp_run(A, n_matvecs=30, generator=gen(0), keep_sketch=True)
+    carried = first.next_sketch
+    assert carried is not None and carried.shape == (40, 10)
+    hutchpp_run(A, n_matvecs=30, generator=gen(1), sketch=carried, keep_sketch=True)
+    assert torch.allclose(carried.T @ carried, torch.eye(10, dtype=F64), atol=1e-12)  # it holds Q now
 
 
 # ---------------------------------------------------------------- Hutch++ error at a fixed budget

@@ -177,6 +177,25 @@ def test_hutchpp_basis_too_big_is_refused_with_the_fix():
     assert backend.trace(problem, TraceOptions(method="hutchinson", probes=8), _gen()).n_hvp == 8
 
 
+def test_hutchpp_basis_is_held_once():
+    """Q is formed in the sketch's memory: a budget with room for one basis (and the float64 chunks of
+    its orthonormalisation) runs, where a basis held three times (sketch, QR copy, Q) would not fit."""
+    from hesscli.algorithms.hutchpp import orth_chunk_bytes
+    from hesscli.memory import HEADROOM
+
+    problem = mlp_ce()
+    n = problem.n_params
+    resident = resident_bytes(problem)
+    one_column = VECTORS_PER_COLUMN * n * 8 + activation_bytes(problem)
+    basis = 30 * n * 8
+    budget = int((resident + one_column + 1.5 * basis + orth_chunk_bytes(n, 30, 8)) / HEADROOM)
+    assert budget * HEADROOM < resident + one_column + 3 * basis
+    r = NativeBackend(EngineOptions(max_memory=str(budget))).trace(problem, TraceOptions(method="hutch++", probes=90),
+                                                                   _gen())
+    free = NativeBackend().trace(problem, TraceOptions(method="hutch++", probes=90), _gen())
+    assert r.n_hvp == 90 and r.estimate == pytest.approx(free.estimate, rel=1e-10)
+
+
 # ----------------------------------------------------------------------------- out-of-memory retry
 def _failing(op: HessianOperator, max_columns: int, max_chunk: int | None = None, message: str = OOM) -> list[int]:
     """Make ``op``'s products raise a simulated out-of-memory error on blocks wider than ``max_columns``

@@ -260,3 +260,19 @@ def test_no_warm_start_flag(series_dir, tmp_path):
     assert len(cold) == 6 and cold.iloc[0] == warm.iloc[0]
     assert (cold.iloc[1:] != warm.iloc[1:]).all()
     assert (again == warm).all()
+
+
+def test_warm_starts_hand_items_over_only_for_the_same_size():
+    from hesscli.runner import WarmStarts
+
+    warm = WarmStarts()
+    item = torch.ones(3, 2)
+    warm.put("k", 3, item)
+    assert warm.get("k", 4) is None and warm.get("k", 3) is item
+    assert warm.take("k", 3) is item  # handed over: the taker may overwrite it
+    assert warm.get("k", 3) is None and warm.take("k", 3) is None
+    warm.put("k", 3, item)
+    assert warm.take("k", 5) is None and warm.get("k", 3) is None  # a stale item is dropped
+    warm.put("k", 3, item)
+    warm.put("k", 3, None)
+    assert warm.get("k", 3) is None

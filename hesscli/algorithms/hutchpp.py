@@ -28,7 +28,7 @@ from hesscli.algorithms.sampling import check_generator, probes
 from hesscli.operators.base import CurvatureOperator
 from hesscli.results.records import TraceResult
 
-__all__ = ["hutchpp", "hutchpp_run", "HutchppRun"]
+__all__ = ["hutchpp", "hutchpp_run", "HutchppRun", "orthonormalise_", "orth_chunk_bytes"]
 
 
 def hutchpp(
@@ -68,8 +68,8 @@ def hutchpp(
         n_matvecs: Product budget ``m``; exactly ``m`` products are spent.
         generator: Seeded CPU generator (sketch first, then residual probes).
         block_size: Most columns per ``matmat`` call (default 16, as for
-            :func:`~hesscli.algorithms.hutchinson.hutchinson`). Memory is the sketch and its
-            ``Q`` (``m / 3`` vectors each) while ``Q`` is formed, then ``Q`` plus a few blocks.
+            :func:`~hesscli.algorithms.hutchinson.hutchinson`). Memory is ``m / 3`` vectors (the
+            sketch, orthonormalised in place into ``Q``: :func:`orthonormalise_`) plus a few blocks.
         confidence: Coverage of the interval.
         sketch: ``[size, m // 3]``: a sketch from elsewhere in place of ``A S`` (see
             :func:`hutchpp_run`); ``None`` (default) multiplies a fresh ``S``.
@@ -124,7 +124,9 @@ def hutchpp_run(
 
     With ``sketch`` (``[size, s]``, ``s = n_matvecs // 3``, e.g. the ``next_sketch`` of the previous
     checkpoint's run), ``Q = orth(sketch)`` replaces ``orth(A S)``: the ``s`` sketch products are
-    not spent, and the residual gets ``n_matvecs - s`` probes instead of about ``m / 3``. The
+    not spent, and the residual gets ``n_matvecs - s`` probes instead of about ``m / 3``. A sketch
+    already on the operator's device and dtype is overwritten by ``Q`` (no copy is made): the
+    caller hands it over. The
     estimate stays unbiased, since the residual probes are drawn independently of ``Q`` (``S`` is
     still drawn, and dropped, so the residual probes are those of a cold run: common random
     numbers along a series). With ``keep_sketch``, the run returns ``A Q`` (products it makes
@@ -159,15 +161,18 @@ def hutchpp_run(
     if sketch is not None and (tuple(sketch.shape) != (n, s) or not bool(torch.isfinite(sketch).all())):
         sketch = None  # of another run or unusable: a cold run
     warm = sketch is not None
-    # Sketch: Y = A S, drawn and multiplied block by block (drawn only, when a sketch is given).
-    Y = torch.empty(n, s, dtype=A.dtype, device=A.device) if sketch is None else sketch.to(device=A.device,
+    # Sketch: Y = A S, drawn and multiplied block by block (drawn only, when a sketch is given:
+    # that sketch is then orthonormalised in place, when it is already on A's device and dtype).
+    # Column-major, so that each block of columns of Q multiplied below is contiguous.
+    Y = torch.empty(s, n, dtype=A.dtype, device=A.device).T if sketch is None else sketch.to(device=A.device,
                                                                                           dtype=A.dtype)
+    del sketch
     for c in range(0, s, block_size):
         b = min(block_size, s - c)
         S = draw(b)
         if not warm:
             Y[:, c:c + b] = A.matmat(S)
-    Q = torch.linalg.qr(Y).Q  # [n, min(n, s)]: when s > n, Q spans everything
+    Q = orthonormalise_(Y)  # [n, min(n, s)] in Y's memory (a copy only for a rank-deficient sketch)
     del Y
     n_residual = n_matvecs - Q.shape[1] - (0 if warm else s)
     AQ = torch.empty_like(Q) if keep_sketch else None
@@ -182,11 +187,11 @@ def hutchpp_run(
         AQc = A.matmat(Qc)
         if AQ is not None:
             AQ[:, c:c + block_size] = AQc
-        QM = Q @ (Q.T @ AQc)  # before AQc is changed in place
-        AQc.mul_(2).sub_(QM).mul_(Qc)
+        C = Q.T @ AQc  # before AQc is changed in place
+        AQc.mul_(2).addmm_(Q, C, alpha=-1).mul_(Qc)  # in place: no temporary block
         part = groups(AQc).sum(1)
         exact = part if exact is None else exact + part
-        del AQc, QM
+        del AQc
 
     # Residual: zᵀ D_g (I - P) A (I - P) z for fresh probes z; the products are of projected probes,
     # so the large eigen-directions that Q holds cannot leak into the samples.
@@ -195,8 +200,8 @@ def hutchpp_run(
         for c in range(0, count, block_size):
             b = min(block_size, count - c)
             G = draw(b)
-            R = A.matmat(G - Q @ (Q.T @ G))
-            R -= Q @ (Q.T @ R)
+            R = A.matmat(torch.addmm(G, Q, Q.T @ G, alpha=-1))  # (I - P) G, then A (I - P) G
+            R.addmm_(Q, Q.T @ R, alpha=-1)  # in place
             blocks.append(groups(G.mul_(R)))
             del R, G
         return torch.cat(blocks, dim=1).cpu()
@@ -212,3 +217,70 @@ def hutchpp_run(
         n_probes=n_matvecs - n_residual + pilot + samples.shape[1], n_hvp=A.n_matvecs - before, converged=converged,
     )
     return HutchppRun(result, AQ)
+
+
+ORTH_CHUNK_BYTES = 1 << 25
+"""Most float64 working memory of :func:`orthonormalise_`, which takes the rows of its matrix a
+chunk at a time."""
+
+ORTH_MAX_COND = 1e6
+"""Largest condition number of a sketch that :func:`orthonormalise_` orthonormalises in place
+(estimated from its Cholesky factor); a worse one is rank-deficient for the purpose and goes to
+Householder QR."""
+
+
+def _orth_rows(n: int, s: int) -> int:
+    """Rows per chunk of :func:`orthonormalise_`: two float64 chunks (the rows and their product)
+    within :data:`ORTH_CHUNK_BYTES`, and at most a sixteenth of the rows, so that a small model
+    does not hold a float64 copy of its sketch either."""
+    return max(1, min(ORTH_CHUNK_BYTES // (16 * max(1, s)), -(-n // 16)))
+
+
+def orth_chunk_bytes(n: int, s: int, itemsize: int) -> int:
+    """Working memory of :func:`orthonormalise_` on an ``[n, s]`` sketch of ``itemsize`` bytes per
+    entry besides the sketch itself (its float64 chunks; Householder QR's copy where it falls back
+    is not counted: that sketch has lower rank than its width, a small model's)."""
+    del itemsize  # the chunks are float64 whatever the sketch's dtype
+    return 16 * s * _orth_rows(n, s) if 0 < s <= n else 0
+
+
+def orthonormalise_(Y: Tensor) -> Tensor:
+    """An orthonormal basis of the columns of ``Y`` (``[n, s]``), written over ``Y``.
+
+    CholeskyQR2 (Yamamoto, Nakatsukasa, Yanagisawa & Fukaya 2015) with the Gram matrix ``YᵀY``
+    accumulated in float64 a chunk of rows at a time: ``R = chol(YᵀY)ᵀ``, ``Y ← Y R⁻¹`` row chunk
+    by row chunk, twice. The first pass leaves ``Y`` well conditioned (its loss of
+    orthogonality is about ``eps64 · cond(Y)²``), the second brings it to the rounding of ``Y``'s
+    dtype, as Householder QR does. Memory is ``Y`` plus at most :data:`ORTH_CHUNK_BYTES` (and
+    an eighth of ``Y``'s float64 size), where
+    ``torch.linalg.qr`` holds a second copy of ``Y`` (on an 11M-parameter model with the default
+    33 sketch vectors, 1.4 GB in float32). The basis spans the same space as Householder's, with
+    columns that may differ in sign and rotation within it, which Hutch++ does not depend on.
+
+    A sketch whose condition number exceeds :data:`ORTH_MAX_COND` (an operator of lower rank
+    than the sketch, or ``s > n``) is handed to ``torch.linalg.qr`` unchanged, which completes the
+    basis with arbitrary orthonormal directions (then ``Y`` is left as it was and a new tensor
+    returned).
+
+    Returns:
+        ``Y`` itself, orthonormal (``[n, s]``), or a new ``[n, min(n, s)]`` tensor from
+        ``torch.linalg.qr``.
+    """
+    n, s = Y.shape
+    if s == 0 or s > n:
+        return torch.linalg.qr(Y).Q
+    rows = _orth_rows(n, s)
+    for _ in range(2):
+        G = torch.zeros(s, s, dtype=torch.float64, device=Y.device)
+        for r in range(0, n, rows):
+            Yr = Y[r:r + rows].to(torch.float64)
+            G.addmm_(Yr.T, Yr)
+        G = G.cpu()
+        L, info = torch.linalg.cholesky_ex(G)
+        d = L.diagonal()
+        if int(info) != 0 or not bool(torch.isfinite(L).all()) or float(d.min()) <= float(d.max()) / ORTH_MAX_COND:
+            return torch.linalg.qr(Y).Q  # Y spans the same space as before this pass
+        Rinv = torch.linalg.solve_triangular(L.T, torch.eye(s, dtype=torch.float64), upper=True).to(Y.device)
+        for r in range(0, n, rows):
+            Y[r:r + rows] = Y[r:r + rows].to(torch.float64) @ Rinv
+    return Y

@@ -12,7 +12,7 @@ import torch
 
 from hesscli.algorithms.exact import exact_trace
 from hesscli.algorithms.hutchinson import hutchinson
-from hesscli.algorithms.hutchpp import hutchpp_run
+from hesscli.algorithms.hutchpp import hutchpp_run, orth_chunk_bytes
 from hesscli.algorithms.lanczos import BLOCK, default_ncv, extremes_of, lanczos_run
 from hesscli.algorithms.slq import slq
 from hesscli.backends.base import Capabilities, Reduce
@@ -202,11 +202,11 @@ class NativeBackend:
         return self._sizes
 
     def _fitting(self, op: EmpiricalRiskOperator, per_unit: int) -> int:
-        """How many units of ``per_unit`` vectors fit beside one column on one sample (at least 0)."""
+        """How many units of ``per_unit`` bytes fit beside one column on one sample (at least 0)."""
         assert self.max_memory is not None
         resident, per_sample, _ = self._measure(op)
         one = self._vectors(op, VECTORS_PER_COLUMN) + per_sample
-        return max(0, (int(self.max_memory * HEADROOM) - resident - one) // max(1, self._vectors(op, per_unit)))
+        return max(0, (int(self.max_memory * HEADROOM) - resident - one) // max(1, per_unit))
 
     def _vectors(self, op: EmpiricalRiskOperator, count: int) -> int:
         """Bytes of ``count`` vectors of the operator's size and dtype."""
@@ -269,18 +269,20 @@ class NativeBackend:
             warm = shared.warm if shared is not None else None
             key = ("hutch++", options.probes, self.engine.curvature)
             s = min(options.probes // 3, op.size)
-            # the sketch Y and its basis Q (and the QR's copy) while Q is formed; carried along a
-            # series, A Q and the previous checkpoint's sketch
-            held = 3 * s + (2 * s if warm is not None else 0)
+            # the sketch, orthonormalised in place into Q (plus its float64 chunks), and carried
+            # along a series, A Q for the next checkpoint (the previous one's is taken over as Q)
+            held = s + (s if warm is not None else 0)
             fewer = ""
-            if self.max_memory is not None:  # Q holds probes/3 vectors, each `held / s` times
-                fits = 3 * self._fitting(op, held // max(1, s))
+            if self.max_memory is not None:  # per vector of Q: `held / s` vectors, and its share of the chunks
+                fits = 3 * self._fitting(op, self._vectors(op, held // max(1, s)) + op.size + 16)
                 fewer = (f"use at most --probes {fits} ({options.probes} asked)" if fits >= 3 else
                          "use --method hutchinson (no basis)")
-            block = self.fit(op, held=self._vectors(op, held), held_what=f"Hutch++'s sketch basis Q ({s} vectors, "
-                             f"{held} held while it is formed)", fewer=fewer)
+            block = self.fit(op, held=self._vectors(op, held) + orth_chunk_bytes(op.size, s, op.dtype.itemsize),
+                             held_what=f"Hutch++'s sketch basis Q ({s} vectors" +
+                             (f", {held} with the products A Q kept for the next checkpoint)" if held > s else ")"),
+                             fewer=fewer)
             run = hutchpp_run(op, n_matvecs=options.probes, generator=generator, keep_sketch=warm is not None,
-                              sketch=warm.get(key, op.size) if warm is not None else None, block_size=block,
+                              sketch=warm.take(key, op.size) if warm is not None else None, block_size=block,
                               tol=options.tol)
             if warm is not None:
                 warm.put(key, op.size, run.next_sketch)

@@ -110,10 +110,9 @@ def native(problem: Problem, analysis: str, context: Context = contextlib.nullco
     from hesscli.backends.native import NativeBackend
     from hesscli.config import Settings
 
-    backend = NativeBackend()
-
     def call(seed: int) -> dict[str, Any]:
         settings = Settings(seed=seed, **options)
+        backend = NativeBackend()  # per call, as in a fresh ``hesscli`` process: its graph is built and counted
         with context(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             outcome = analyse(problem, analysis, settings, backend=backend)

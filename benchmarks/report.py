@@ -223,7 +223,7 @@ def write_report(results: dict[str, Any], path: Path) -> str:
     L.append(f"Generated {results['generated']} by `{results['command']}` "
              f"(wall time {fmt_time(results.get('wall_seconds'))}).\n")
     later = [(name, results[name]["generated"]) for name in ("scan_series", "scan_tol", "density_equal_error",
-                                                             "big_models", "contention")
+                                                             "memory", "big_models", "contention")
              if isinstance(results.get(name), dict) and results[name].get("generated", "") > str(results["generated"])]
     if later:
         L.append("Sections measured later, alone (`python -m benchmarks.run --only ...` or the section's module; "
@@ -336,6 +336,10 @@ def write_report(results: dict[str, Any], path: Path) -> str:
         from benchmarks.density_equal_error import markdown as density_markdown
 
         L.append(density_markdown(results["density_equal_error"]["workloads"]))
+    if results.get("memory"):
+        from benchmarks.memory_peaks import markdown as memory_markdown
+
+        L.append(memory_markdown(results["memory"]))
     if results.get("big_models"):
         from benchmarks.big_models import markdown as big_models_markdown
 

@@ -3,12 +3,12 @@
 Builds the workloads and their float64 references (cached in ``benchmarks/out/``), runs every
 library on every workload in this process, then the sections that run in separate processes
 (whole processes, a series of checkpoints at default budgets and at a target accuracy, density at equal
-accuracy, big models, thread contention;
+accuracy, peak memory with a fixed mmap threshold, big models, thread contention;
 not under ``--quick``), writes
 ``benchmarks/results.json`` and regenerates ``benchmarks/RESULTS.md``.
 
-``--only SECTIONS`` (some of :data:`SECTIONS`: scan_series, scan_tol, density_equal_error, big_models,
-contention) runs just those separate sections and replaces them in the existing ``results.json`` (the rest is
+``--only SECTIONS`` (some of :data:`SECTIONS`: scan_series, scan_tol, density_equal_error, memory,
+big_models, contention) runs just those separate sections and replaces them in the existing ``results.json`` (the rest is
 kept as it is), then regenerates RESULTS.md. ``--keep-sections`` measures the workloads and whole processes and
 keeps the separate sections of the existing results.
 """
@@ -151,7 +151,7 @@ def run_suite(workloads: list[str], *, repeats: int = 3, quick: bool = False, ou
     return results
 
 
-SECTIONS = ("scan_series", "scan_tol", "density_equal_error", "big_models", "contention")
+SECTIONS = ("scan_series", "scan_tol", "density_equal_error", "memory", "big_models", "contention")
 """Sections measured in separate processes after the workloads, also runnable alone with ``--only``."""
 
 
@@ -170,6 +170,10 @@ def run_section(name: str, *, repeats: int = 3, device: str = "cpu") -> dict[str
         from benchmarks import density_equal_error
 
         out = {"workloads": density_equal_error.run(["W1", "W2"])}
+    elif name == "memory":
+        from benchmarks import memory_peaks
+
+        out = memory_peaks.run(log=logger.info)
     elif name == "big_models":
         from benchmarks import big_models
 

@@ -120,6 +120,44 @@ def test_same_seed_and_block_size_do_not_change_the_result(case):
     assert A.n_matvecs == 3 * RUNS * ITERS
 
 
+class Recording(DenseOperator):
+    """A dense operator that records the width of every product."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__(matrix)
+        self.widths: list[int] = []
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.widths.append(V.shape[1])
+        return super()._matmat(V)
+
+
+@pytest.mark.parametrize("together", [1, 3, RUNS])
+def test_runs_in_groups_are_the_same_runs(case, together):
+    """Groups of runs one after the other: the same start vectors, the same quadratures (each
+    run is independent), products of one column per run of the group."""
+    M, _, r = case
+    A = Recording(M)
+    grouped = slq(A, iters=ITERS, runs=RUNS, generator=gen(), together=together)
+    assert torch.allclose(grouped.nodes, r.nodes, atol=1e-10) and torch.allclose(grouped.weights, r.weights, atol=1e-10)
+    assert grouped.n_hvp == RUNS * ITERS
+    sizes = [min(together, RUNS - r0) for r0 in range(0, RUNS, together)]
+    assert A.widths == [w for w in sizes for _ in range(ITERS)]
+
+
+def test_runs_in_groups_with_deflation_and_a_first_run():
+    M = symmetric(SPECTRUM, 2)
+    vals, vecs = torch.linalg.eigh(M)
+    top = (vals[-3:], vecs[:, -3:])
+    a = slq(DenseOperator(M), iters=15, runs=4, generator=gen(1), deflate=top)
+    b = slq(DenseOperator(M), iters=15, runs=4, generator=gen(1), deflate=top, together=1)
+    assert torch.allclose(a.nodes, b.nodes, atol=1e-10) and torch.allclose(a.weights, b.weights, atol=1e-10)
+    first = (a.alphas[0, :15], a.betas[0, :14])
+    c = slq(DenseOperator(M), iters=15, runs=4, generator=gen(2), first_run=first)
+    d = slq(DenseOperator(M), iters=15, runs=4, generator=gen(2), first_run=first, together=2)
+    assert c.n_hvp == d.n_hvp == 45 and torch.allclose(c.nodes, d.nodes, atol=1e-10)
+
+
 def test_breakdown_stops_runs_early_and_pads_with_zero_weight():
     eigs = torch.tensor([1.0, 1.0, 2.0, 2.0, 2.0, 5.0], dtype=F64)
     A = DenseOperator(symmetric(eigs, 8))
@@ -152,6 +190,8 @@ def test_float32_operator():
         ({"sigma": 0.0}, "sigma=0.0"),
         ({"grid": 1}, "grid=1"),
         ({"block_size": 0}, "block_size=0"),
+        ({"together": 0}, "together=0"),
+        ({"together": 1.5}, "together=1.5"),
     ],
 )
 def test_slq_rejects_bad_arguments(kwargs, match):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import big_models, contention
+from benchmarks import big_models, contention, memory_peaks
 from benchmarks import run as bench_run
 from benchmarks.report import write_report
 
@@ -59,6 +59,50 @@ def test_report_renders_the_big_model_and_contention_sections(tmp_path):
     assert "double free or corruption" in text and "1.1-2.8" in text
     assert "| none added | 7.0 s (7.0, 8.0) OpenMP default |" in text
     assert "| 4 busy | 11.0 s (11.0, 12.0) passive | 11.0 s (11.0, 12.0) | 11.0 s (11.0, 12.0) | 1% |" in text
+
+
+MEMORY = {
+    "threshold": 65536, "runs": 2,
+    "rows": [
+        {"workload": "W2", "analysis": "trace", "library": "hesscli", "peak_mb": 60.0, "peaks_mb": [60.0, 58.0]},
+        {"workload": "W2", "analysis": "trace", "library": "hesscli-hutchinson", "peak_mb": 44.0, "peaks_mb": [44.0]},
+        {"workload": "W2", "analysis": "trace", "library": "pyhessian", "peak_mb": 40.0, "peaks_mb": [40.0, 40.0]},
+        {"workload": "W2", "analysis": "density", "library": "hesscli", "peak_mb": None, "error": "MemoryError: x"},
+        {"workload": "W2", "analysis": "density", "library": "pyhessian", "peak_mb": 50.0, "peaks_mb": [50.0]},
+        {"workload": "W4", "analysis": "density", "library": "hesscli", "skipped": "too slow"},
+        {"workload": "W4", "analysis": "density", "library": "pyhessian", "skipped": "too slow"},
+    ],
+}
+
+
+def test_report_renders_the_memory_section(tmp_path):
+    text = write_report({**_results(), "memory": MEMORY}, tmp_path / "RESULTS.md")
+    assert "## Peak memory of trace and density" in text and "MALLOC_MMAP_THRESHOLD_=65536" in text
+    assert "| W2 | trace | 60.0 MB (58.0-60.0) | 40.0 MB (40.0-40.0) | **1.50** | 44.0 MB |" in text
+    assert "| W2 | density | **FAIL**: MemoryError: x | 50.0 MB | - | - |" in text
+    assert "| W4 | density | - | - | too slow | - |" in text
+    assert memory_peaks.markdown(MEMORY) in text
+
+
+def test_memory_rows_are_measured_in_processes_with_the_threshold_fixed(monkeypatch):
+    seen = []
+
+    class Done:
+        stdout = 'noise\n{"peak_mb": 12.5, "peaks_mb": [12.5], "error": null}\n'
+        stderr = ""
+
+    def fake_run(cmd, env, **kwargs):
+        seen.append((cmd[cmd.index("--child") + 1:], env["MALLOC_MMAP_THRESHOLD_"]))
+        return Done()
+    monkeypatch.setattr(memory_peaks.subprocess, "run", fake_run)
+    section = memory_peaks.run(["W2", "W4"], runs=2, log=lambda _: None)
+    assert all(threshold == "65536" for _, threshold in seen)
+    assert [c[:3] for c, _ in seen] == [["W2", "hesscli", "trace"], ["W2", "hesscli-hutchinson", "trace"],
+                                        ["W2", "pyhessian", "trace"], ["W2", "hesscli", "density"],
+                                        ["W2", "pyhessian", "density"], ["W4", "hesscli", "trace"],
+                                        ["W4", "hesscli-hutchinson", "trace"], ["W4", "pyhessian", "trace"]]
+    assert [c[-1] for c, _ in seen] == ["2"] * 5 + ["1"] * 3  # W4: one measured call
+    assert [r.get("skipped") is not None for r in section["rows"]].count(True) == 2  # W4 density
 
 
 def test_report_without_the_sections_has_no_headings(tmp_path):

@@ -196,6 +196,27 @@ def test_hutchpp_basis_is_held_once():
     assert r.n_hvp == 90 and r.estimate == pytest.approx(free.estimate, rel=1e-10)
 
 
+def test_density_holds_one_run_at_a_time_where_products_take_one_column():
+    """CPU Hessian products over a cached graph: the SLQ runs go one after the other, so a budget
+    with room for one run's basis (not five) runs, and gives the density of no budget."""
+    from hesscli.memory import HEADROOM
+
+    problem = mlp_ce()
+    n = problem.n_params
+    resident = resident_bytes(problem)
+    per_sample = activation_bytes(problem)
+    one_column = VECTORS_PER_COLUMN * n * 8 + per_sample
+    cache = problem.data.n_samples * per_sample
+    one_run = 21 * n * 8  # 20 steps and a start vector
+    budget = int((resident + 2 * one_column + cache + 2 * one_run) / HEADROOM)
+    assert budget * HEADROOM < resident + one_column + 5 * one_run
+    options = DensityOptions(runs=5, iters=20)
+    r = NativeBackend(EngineOptions(max_memory=str(budget))).density(problem, options, _gen())
+    free = NativeBackend().density(problem, options, _gen())
+    assert r.n_hvp == free.n_hvp == 100
+    assert torch.allclose(r.nodes, free.nodes, atol=1e-10) and torch.allclose(r.weights, free.weights, atol=1e-10)
+
+
 # ----------------------------------------------------------------------------- out-of-memory retry
 def _failing(op: HessianOperator, max_columns: int, max_chunk: int | None = None, message: str = OOM) -> list[int]:
     """Make ``op``'s products raise a simulated out-of-memory error on blocks wider than ``max_columns``

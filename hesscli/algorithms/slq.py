@@ -10,10 +10,11 @@ matrices", SIAM Review 58; Ghorbani, Krishnan & Xiao 2019, "An investigation int
 net optimization via Hessian eigenvalue density", ICML; Papyan 2020, "Traces of class/
 cross-class structure pervade deep learning spectra", JMLR 21).
 
-All runs advance together: one ``matmat`` with one column per run (split by
-``block_size``) per step, so a step costs one pass over the data for all runs. Each run is
-fully reorthogonalised (classical Gram–Schmidt twice), and its tridiagonal is
-accumulated and diagonalised in float64.
+By default all runs advance together: one ``matmat`` with one column per run (split by
+``block_size``) per step, so a step costs one pass over the data for all runs; ``together``
+advances them in groups instead, each holding only its own basis (for operators that multiply
+one column at a time anyway). Each run is fully reorthogonalised (classical Gram–Schmidt
+twice), and its tridiagonal is accumulated and diagonalised in float64.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def slq(
     block_size: int | None = None,
     first_run: tuple[Tensor, Tensor] | None = None,
     deflate: tuple[Tensor, Tensor] | None = None,
+    together: int | None = None,
 ) -> DensityResult:
     """Estimate the eigenvalue density of ``A`` by stochastic Lanczos quadrature.
 
@@ -93,6 +95,11 @@ def slq(
             the measure is off by up to ``||R||``; an unconverged Ritz pair is not an eigenpair,
             its value is not in the spectrum and its vector mixes in the bulk's eigenvectors,
             whose mass would then be counted twice or lost. ``k < n`` is required.
+        together: Most runs advanced together (default all). Runs are independent: groups of
+            ``together`` runs, one after the other, give the same runs from the same start
+            vectors (drawn column by column), and hold ``together · iters`` basis vectors
+            instead of ``runs · iters``; a step of a group is one pass over the data for that
+            group only. Worth it where a product multiplies one column at a time anyway.
 
     Returns:
         :class:`DensityResult` with float64 CPU tensors: ``grid``/``density`` (integrating to 1
@@ -103,7 +110,8 @@ def slq(
         saving its products; its missing nodes repeat its largest node with weight 0, its
         ``alphas`` are padded with that node and its ``betas`` with 0, so the tridiagonal of
         the padded coefficients has the same quadrature. ``n_hvp`` counts the products spent.
-        Memory: the ``runs · iters`` Lanczos vectors of size ``size`` (full reorthogonalisation).
+        Memory: the ``runs · iters`` Lanczos vectors of size ``size`` (full reorthogonalisation;
+        ``together · iters`` with ``together``).
         With ``deflate``, ``nodes``/``weights`` are ``[runs, iters + k]``: in every run, columns
         ``:iters`` are the quadrature of ``P A P`` with weights scaled by ``(n-k)/n`` and columns
         ``iters:`` the ``k`` deflated values with weight ``1/n`` each (each run still sums to 1,
@@ -126,8 +134,9 @@ def slq(
     for name, value in (("iters", iters), ("runs", runs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name}={value!r}: expected a positive integer")
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise InputError(f"block_size={block_size!r}: expected a positive integer or None")
+    for name, value in (("block_size", block_size), ("together", together)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{name}={value!r}: expected a positive integer or None")
     _check_broadening(sigma, grid)
     check_generator(generator)
     if first_run is not None and (tuple(first_run[0].shape) != (iters,) or tuple(first_run[1].shape) != (iters - 1,)):
@@ -143,7 +152,7 @@ def slq(
     before = A.n_matvecs
     total = runs
     runs = runs - (first_run is not None)  # the runs that cost products
-    alphas, betas, length = _lanczos_runs(A, iters, runs, generator, block_size, lock)
+    alphas, betas, length = _lanczos_runs(A, iters, runs, generator, block_size, lock, together)
     if first_run is not None:
         alphas = torch.cat([first_run[0].to(torch.float64).cpu().unsqueeze(0), alphas])
         betas = torch.cat([first_run[1].to(torch.float64).cpu().unsqueeze(0), betas])
@@ -190,15 +199,30 @@ def _check_deflate(A: CurvatureOperator, deflate: tuple[Tensor, Tensor]) -> tupl
 
 
 def _lanczos_runs(A: CurvatureOperator, iters: int, runs: int, generator: torch.Generator,
-                  block_size: int | None, lock: Tensor | None = None) -> tuple[Tensor, Tensor, list[int]]:
-    """``runs`` fully reorthogonalised Lanczos runs from Rademacher vectors, advanced together:
-    ``alphas [runs, iters]``, ``betas [runs, iters - 1]`` and the steps each run completed.
+                  block_size: int | None, lock: Tensor | None = None,
+                  together: int | None = None) -> tuple[Tensor, Tensor, list[int]]:
+    """``runs`` fully reorthogonalised Lanczos runs from Rademacher vectors, advanced ``together``
+    at a time (default all): ``alphas [runs, iters]``, ``betas [runs, iters - 1]`` and the steps
+    each run completed.
 
     With ``lock`` (orthonormal ``[n, k]``), runs of ``P A P``, ``P = I - lock lockᵀ``: normal start
     vectors projected with ``P``, and every new vector orthogonalised against ``lock`` too."""
-    n, dtype, device = A.size, A.dtype, A.device
     if runs == 0:
         return (torch.zeros(0, iters, dtype=torch.float64), torch.zeros(0, max(iters - 1, 0), dtype=torch.float64), [])
+    group = runs if together is None else min(together, runs)
+    # groups one after the other: each draws its start vectors when it starts, in run order
+    parts = [_lanczos_group(A, iters, min(group, runs - r0), generator, block_size, lock)
+             for r0 in range(0, runs, group)]
+    if len(parts) == 1:
+        return parts[0]
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            [steps for p in parts for steps in p[2]])
+
+
+def _lanczos_group(A: CurvatureOperator, iters: int, runs: int, generator: torch.Generator,
+                   block_size: int | None, lock: Tensor | None) -> tuple[Tensor, Tensor, list[int]]:
+    """:func:`_lanczos_runs` for ``runs`` runs advanced together (one basis ``[runs, iters, n]``)."""
+    n, dtype, device = A.size, A.dtype, A.device
     block = runs if block_size is None else block_size
     tiny = breakdown_tol(dtype)
 

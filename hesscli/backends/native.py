@@ -331,14 +331,19 @@ class NativeBackend:
             deflate = shared.take("density", problem, DEFLATE)
             first = shared.take("density", problem, options.iters) if deflate is None else None
         block: int | None = None
+        # where products multiply one column at a time, the runs go one after the other: the
+        # same products, one run's basis held instead of all of them
+        together = 1 if op.one_column_at_a_time else None
         if self.max_memory is not None:
             runs = options.runs - (1 if first is not None else 0)
+            group = max(1, runs if together is None else together)
             extra = 0 if deflate is None else int(deflate[1].shape[1])
-            held = self._vectors(op, runs * options.iters + extra + runs)
-            block = self.fit(op, held=held, held_what=f"the SLQ bases ({runs} runs x {options.iters} steps)",
-                             fewer="use fewer --runs or --iters", block=max(1, runs))
+            held = self._vectors(op, group * options.iters + extra + group)
+            block = self.fit(op, held=held, held_what=f"the SLQ bases ({group} run(s) x {options.iters} steps "
+                             "held at a time)", fewer="use fewer --iters" + ("" if together else " or --runs"),
+                             block=group)
         return slq(op, iters=options.iters, runs=options.runs, generator=generator, sigma=options.sigma,
-                   grid=options.grid, first_run=first, deflate=deflate, block_size=block)
+                   grid=options.grid, first_run=first, deflate=deflate, block_size=block, together=together)
 
 
 DEFLATE = "deflate"

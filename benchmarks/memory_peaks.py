@@ -35,8 +35,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 THRESHOLD = 65536
 """``MALLOC_MMAP_THRESHOLD_`` of the measuring processes (bytes)."""

@@ -11,9 +11,7 @@ from scipy.stats import wasserstein_distance
 from hesscli.algorithms import broaden, probes, slq
 from hesscli.errors import InputError
 from hesscli.operators.base import DenseOperator
-
 from tests.dense import F64, gen, symmetric
-
 
 # A bulk on [-0.5, 1.5] plus outliers on both sides, like a Hessian with negative curvature.
 SPECTRUM = torch.cat([

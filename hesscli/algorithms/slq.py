@@ -134,9 +134,9 @@ def slq(
     for name, value in (("iters", iters), ("runs", runs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name}={value!r}: expected a positive integer")
-    for name, value in (("block_size", block_size), ("together", together)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise InputError(f"{name}={value!r}: expected a positive integer or None")
+    for label, optional in (("block_size", block_size), ("together", together)):
+        if optional is not None and (isinstance(optional, bool) or not isinstance(optional, int) or optional < 1):
+            raise InputError(f"{label}={optional!r}: expected a positive integer or None")
     _check_broadening(sigma, grid)
     check_generator(generator)
     if first_run is not None and (tuple(first_run[0].shape) != (iters,) or tuple(first_run[1].shape) != (iters - 1,)):

@@ -217,6 +217,31 @@ def test_density_holds_one_run_at_a_time_where_products_take_one_column():
     assert torch.allclose(r.nodes, free.nodes, atol=1e-10) and torch.allclose(r.weights, free.weights, atol=1e-10)
 
 
+def test_density_runs_go_together_again_when_the_graph_cache_does_not_fit(caplog):
+    """Budgets from too small to ample: where the gradient graphs are cached the runs go one after
+    the other; where the cache does not fit, products rebuild the graphs, so the runs go together
+    when their bases fit, and one after the other (said at INFO) when they do not. The density
+    is the same throughout."""
+    problem = mlp_ce()
+    options = DensityOptions(runs=5, iters=3)
+    free = NativeBackend().density(problem, options, _gen())
+    seen = set()
+    for budget in range(6000, 22000, 128):  # mlp_ce: refused below ~7 kB, graphs cached above ~20 kB
+        backend = NativeBackend(EngineOptions(max_memory=str(budget)))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hesscli.backends.native"):
+            try:
+                r = backend.density(problem, options, _gen())
+            except InputError:
+                continue
+        op = backend.last_operator
+        assert op is not None
+        seen.add((op.cache_graph, "go one after the other" in caplog.text))
+        assert r.n_hvp == 15 and torch.allclose(r.nodes, free.nodes, atol=1e-10), budget
+    # (cached, alone): cached graphs; no cache, runs together; no cache, runs alone
+    assert {(True, False), (False, False), (False, True)} <= seen, seen
+
+
 # ----------------------------------------------------------------------------- out-of-memory retry
 def _failing(op: HessianOperator, max_columns: int, max_chunk: int | None = None, message: str = OOM) -> list[int]:
     """Make ``op``'s products raise a simulated out-of-memory error on blocks wider than ``max_columns``

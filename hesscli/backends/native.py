@@ -336,12 +336,22 @@ class NativeBackend:
         together = 1 if op.one_column_at_a_time else None
         if self.max_memory is not None:
             runs = options.runs - (1 if first is not None else 0)
-            group = max(1, runs if together is None else together)
             extra = 0 if deflate is None else int(deflate[1].shape[1])
-            held = self._vectors(op, group * options.iters + extra + group)
-            block = self.fit(op, held=held, held_what=f"the SLQ bases ({group} run(s) x {options.iters} steps "
-                             "held at a time)", fewer="use fewer --iters" + ("" if together else " or --runs"),
-                             block=group)
+
+            def plan(group: int) -> int:
+                return self.fit(op, held=self._vectors(op, group * options.iters + extra + group),
+                                held_what=f"the SLQ bases ({group} run(s) x {options.iters} steps held at a time)",
+                                fewer="use fewer --iters" + ("" if group == 1 else " or --runs"), block=group)
+
+            block = plan(max(1, runs if together is None else together))
+            if together is not None and runs > 1 and not op.one_column_at_a_time:
+                # the graph cache did not fit beside the products: each product now rebuilds the
+                # graphs, which runs advanced together share, so they go together if their bases fit
+                try:
+                    block, together = plan(runs), None
+                except InputError:
+                    logger.info("--max-memory %s: the SLQ runs go one after the other (the bases of %d runs "
+                                "do not fit), each rebuilding the gradient graphs", self.engine.max_memory, runs)
         return slq(op, iters=options.iters, runs=options.runs, generator=generator, sigma=options.sigma,
                    grid=options.grid, first_run=first, deflate=deflate, block_size=block, together=together)
 

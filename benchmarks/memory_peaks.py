@@ -7,11 +7,11 @@ The workload tables measure memory as the largest peak-RSS increase of a call in
 has run other calls before. With glibc's defaults that number depends on what ran before: once a
 large block is freed, glibc raises its mmap threshold to that size and keeps later blocks of that
 size in its heap, which it seldom returns. On W2 the same ``trace`` call measured 67-86 MB from
-one process to the next, and 98-145 MB as a process's first call, for either library.
+one process to the next, and 94-148 MB as a process's first call, for either library.
 
 Here each (workload, analysis, library) runs in a process of its own with
 ``MALLOC_MMAP_THRESHOLD_=65536``: every block above 64 KiB is mapped on its own and returned when
-freed, so RSS follows the live tensors (repeated calls agree to 0.1 MB). In that process the
+freed, so RSS follows the live tensors (repeated calls agree to 0.1-2 MB). In that process the
 workload is loaded, then one small call of the same kind warms the process up (library imports,
 the BLAS threads' buffers, the first double backward: costs paid once per process whatever the
 budget), then ``runs`` seeded calls at the library's defaults; reported is the largest peak RSS

@@ -188,7 +188,7 @@ def test_hutchpp_basis_is_held_once():
     resident = resident_bytes(problem)
     one_column = VECTORS_PER_COLUMN * n * 8 + activation_bytes(problem)
     basis = 30 * n * 8
-    budget = int((resident + one_column + 1.5 * basis + orth_chunk_bytes(n, 30, 8)) / HEADROOM)
+    budget = int((resident + one_column + 1.5 * basis + orth_chunk_bytes(n, 30)) / HEADROOM)
     assert budget * HEADROOM < resident + one_column + 3 * basis
     r = NativeBackend(EngineOptions(max_memory=str(budget))).trace(problem, TraceOptions(method="hutch++", probes=90),
                                                                    _gen())

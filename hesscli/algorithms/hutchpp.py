@@ -236,11 +236,10 @@ def _orth_rows(n: int, s: int) -> int:
     return max(1, min(ORTH_CHUNK_BYTES // (16 * max(1, s)), -(-n // 16)))
 
 
-def orth_chunk_bytes(n: int, s: int, itemsize: int) -> int:
-    """Working memory of :func:`orthonormalise_` on an ``[n, s]`` sketch of ``itemsize`` bytes per
-    entry besides the sketch itself (its float64 chunks; Householder QR's copy where it falls back
-    is not counted: that sketch has lower rank than its width, a small model's)."""
-    del itemsize  # the chunks are float64 whatever the sketch's dtype
+def orth_chunk_bytes(n: int, s: int) -> int:
+    """Working memory of :func:`orthonormalise_` on an ``[n, s]`` sketch besides the sketch itself:
+    its float64 chunks, whatever the sketch's dtype (Householder QR's copy where it falls back is
+    not counted: that sketch has lower rank than its width, a small model's)."""
     return 16 * s * _orth_rows(n, s) if 0 < s <= n else 0
 
 

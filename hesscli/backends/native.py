@@ -277,7 +277,7 @@ class NativeBackend:
                 fits = 3 * self._fitting(op, self._vectors(op, held // max(1, s)) + op.size + 16)
                 fewer = (f"use at most --probes {fits} ({options.probes} asked)" if fits >= 3 else
                          "use --method hutchinson (no basis)")
-            block = self.fit(op, held=self._vectors(op, held) + orth_chunk_bytes(op.size, s, op.dtype.itemsize),
+            block = self.fit(op, held=self._vectors(op, held) + orth_chunk_bytes(op.size, s),
                              held_what=f"Hutch++'s sketch basis Q ({s} vectors" +
                              (f", {held} with the products A Q kept for the next checkpoint)" if held > s else ")"),
                              fewer=fewer)
@@ -338,12 +338,12 @@ class NativeBackend:
             runs = options.runs - (1 if first is not None else 0)
             extra = 0 if deflate is None else int(deflate[1].shape[1])
 
-            def plan(group: int) -> int:
+            def plan(group: int) -> int:  # group: runs whose bases are held at once (0: all shared)
                 return self.fit(op, held=self._vectors(op, group * options.iters + extra + group),
                                 held_what=f"the SLQ bases ({group} run(s) x {options.iters} steps held at a time)",
-                                fewer="use fewer --iters" + ("" if group == 1 else " or --runs"), block=group)
+                                fewer="use fewer --iters" + ("" if group <= 1 else " or --runs"), block=max(1, group))
 
-            block = plan(max(1, runs if together is None else together))
+            block = plan(runs if together is None else min(together, runs))
             if together is not None and runs > 1 and not op.one_column_at_a_time:
                 # the graph cache did not fit beside the products: each product now rebuilds the
                 # graphs, which runs advanced together share, so they go together if their bases fit

@@ -22,6 +22,7 @@ returns the rows for ``results.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import _HZ, _NCPU, _system_busy_ticks, machine_info
+from benchmarks.workloads import OUT_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"
@@ -97,9 +99,34 @@ def one_run(setting: str, out: Path, spinners: list[subprocess.Popen], timeout_s
     if proc.returncode != 0:
         return {"setting": setting, "seconds": wall, "status": "FAIL", "error": proc.stderr[-600:]}
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    values = [float(v) for v in doc["result"]["eigenvalues"]]
     return {"setting": setting, "seconds": wall, "status": "ok", "decision": _decision(proc.stderr),
-            "n_hvp": doc["run"]["n_hvp"], "lambda1": doc["result"]["eigenvalues"][0],
+            "n_hvp": doc["run"]["n_hvp"], "lambda1": values[0], "eigenvalues": values,
             "cpu_s": _children_seconds() - child0, "foreign_load": max(0.0, foreign) / (wall * _NCPU)}
+
+
+def reference(cache_dir: Path = OUT_DIR) -> list[float]:
+    """The float64 top-10 of the checkpoint (``hesscli eigs --dtype float64 --tol 1e-10``, cached by
+    the checkpoint's SHA-256): what each timed run's values are scored against."""
+    path = SAMPLES / CHECKPOINT
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    cached = cache_dir / f"contention_ref_{digest}.json"
+    if cached.exists():
+        return [float(v) for v in json.loads(cached.read_text())]
+    with tempfile.TemporaryDirectory(prefix="hesscli-contention-ref-") as tmp:
+        proc = subprocess.run([sys.executable, "-m", "hesscli", "eigs", CHECKPOINT, "--dtype", "float64", "--tol",
+                               "1e-10", "--json", "--quiet", "--out", tmp], cwd=SAMPLES, env=_env("default"),
+                              capture_output=True, text=True, check=True)
+    values = [float(v) for v in json.loads(proc.stdout.strip().splitlines()[-1])["result"]["eigenvalues"]]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(values))
+    return values
+
+
+def max_rel_error(values: list[float], ref: list[float]) -> float:
+    """Largest relative error of ``values`` (descending, as many as given) against the reference."""
+    got = sorted(values, reverse=True)[: len(ref)]
+    return max(abs(g - r) / abs(r) for g, r in zip(got, ref))
 
 
 def run(*, repeats: int = 2, budget_s: float = 330.0, busy: tuple[int, ...] | None = None,
@@ -137,10 +164,20 @@ def run(*, repeats: int = 2, budget_s: float = 330.0, busy: tuple[int, ...] | No
                              "decisions": [r.get("decision") for r in ok],
                              "n_hvp": ok[0]["n_hvp"] if ok else None,
                              "lambda1": [r["lambda1"] for r in ok],
+                             "eigenvalues": [r["eigenvalues"] for r in ok],
                              "foreign_load": max((r["foreign_load"] for r in ok), default=None),
                              "error": None if ok else runs[s][0].get("error")})
     return {"rows": rows, "cpus": cpus, "checkpoint": CHECKPOINT, "machine": machine_info(),
-            "seconds": time.perf_counter() - t_start}
+            "reference": reference(), "seconds": time.perf_counter() - t_start}
+
+
+def row_error(row: dict[str, Any], ref: list[float] | None) -> float | None:
+    """The largest relative error over a row's runs: of their top-10 against the float64 reference,
+    or of λ1 alone for rows measured before the top-10 was kept."""
+    if not ref:
+        return None
+    runs = row.get("eigenvalues") or [[v] for v in row.get("lambda1") or []]
+    return max((max_rel_error(v, ref[: len(v)]) for v in runs if v), default=None)
 
 
 def markdown(section: dict[str, Any] | None) -> str:
@@ -158,11 +195,13 @@ def markdown(section: dict[str, Any] | None) -> str:
         "with N busy single-thread processes added (`python -c \"while True: pass\"`). Median wall seconds (runs in "
         "brackets); under the default, the policy it chose (passive = it set `OMP_WAIT_POLICY=PASSIVE`). "
         "Settings interleaved within each repeat. Foreign load: the busiest run's CPU use by processes other than "
-        "these, as a share of the machine.",
+        "these, as a share of the machine. Error: the largest relative error of any run's values against a float64 "
+        "run (`--dtype float64 --tol 1e-10`) of the same checkpoint, per setting.",
         "",
         "| busy processes | " + " | ".join(LABELS.get(s, s) for s in settings) + " | foreign load |",
         "|---|" + "---|" * len(settings) + "---|",
     ]
+    ref = section.get("reference")
     for n in dict.fromkeys(r["busy"] for r in rows):
         cells, loads = [], []
         for s in settings:
@@ -176,14 +215,20 @@ def markdown(section: dict[str, Any] | None) -> str:
             chosen = ""
             if s == "default" and r.get("decisions"):
                 chosen = " " + "/".join(dict.fromkeys(r["decisions"]))
-            cells.append(f"{r['seconds']:.1f} s ({runs}){chosen}")
+            err = row_error(r, ref)
+            cells.append(f"{r['seconds']:.1f} s ({runs}){chosen}" + (f", error {err:.1e}" if err is not None else ""))
             if r.get("foreign_load") is not None:
                 loads.append(r["foreign_load"])
         label = "none added" if n == 0 else f"{n} busy"
         L.append(f"| {label} | " + " | ".join(cells) + f" | {100 * max(loads, default=0):.0f}% |")
     lam = sorted({round(v, 6) for r in rows for v in r.get("lambda1") or []})
     if lam:
-        L += ["", f"λ1 over every run: {', '.join(f'{v:.6g}' for v in lam)}."]
+        note = ""
+        if ref:
+            kept = (f"the top-{len(ref)}" if any(r.get("eigenvalues") for r in rows)
+                    else "λ1 alone (the only value these runs kept)")
+            note = f" (float64: {ref[0]:.9g}); the errors are of {kept}"
+        L += ["", f"λ1 over every run: {', '.join(f'{v:.6g}' for v in lam)}{note}."]
     return "\n".join(L) + "\n"
 
 

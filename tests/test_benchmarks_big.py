@@ -59,6 +59,27 @@ def test_report_renders_the_big_model_and_contention_sections(tmp_path):
     assert "double free or corruption" in text and "1.1-2.8" in text
     assert "| none added | 7.0 s (7.0, 8.0) OpenMP default |" in text
     assert "| 4 busy | 11.0 s (11.0, 12.0) passive | 11.0 s (11.0, 12.0) | 11.0 s (11.0, 12.0) | 1% |" in text
+    assert ", error " not in text.split("## Thread contention")[1].split("## ")[0]  # no reference: no error
+
+
+def test_contention_rows_carry_their_error_against_the_float64_reference():
+    ref = [2.0, 1.0, 0.5]
+    rows = [{"busy": 0, "setting": "default", "status": "ok", "seconds": 7.0, "all_seconds": [7.0, 8.0],
+             "decisions": ["passive"], "n_hvp": 36, "lambda1": [2.0, 2.0],
+             "eigenvalues": [[2.0, 1.0, 0.5], [2.0, 1.001, 0.5]], "foreign_load": 0.0},
+            {"busy": 0, "setting": "threads1", "status": "ok", "seconds": 9.0, "all_seconds": [9.0],
+             "decisions": ["passive"], "n_hvp": 36, "lambda1": [2.0004], "eigenvalues": [[0.5, 2.0004, 1.0]],
+             "foreign_load": 0.0}]
+    text = contention.markdown({"cpus": 2, "rows": rows, "reference": ref})
+    # the worst run of each setting, its values sorted before scoring
+    assert "| none added | 7.0 s (7.0, 8.0) passive, error 1.0e-03 | 9.0 s (9.0), error 2.0e-04 | 0% |" in text
+    assert "(float64: 2); the errors are of the top-3." in text
+    # older rows kept λ1 alone: scored on λ1
+    old = [{k: v for k, v in r.items() if k != "eigenvalues"} for r in rows]
+    text = contention.markdown({"cpus": 2, "rows": old, "reference": ref})
+    assert "passive, error 0.0e+00 | 9.0 s (9.0), error 2.0e-04 |" in text
+    assert "the errors are of λ1 alone (the only value these runs kept)." in text
+    assert contention.max_rel_error([1.0, 3.0], [3.0, 2.0]) == pytest.approx(0.5)
 
 
 MEMORY = {

@@ -182,8 +182,31 @@ def test_a_sketch_carried_along_a_series_lowers_the_error():
 def test_a_sketch_of_another_shape_is_a_cold_run():
     M = _series(_decaying(), 1)[0]
     cold = hutchpp(DenseOperator(M), n_matvecs=30, generator=gen(3))
-    other = hutchpp(DenseOperator(M), n_matvecs=30, generator=gen(3), sketch=torch.ones(120, 9, dtype=F64))
-    assert other.estimate == cold.estimate and other.stderr == cold.stderr
+    for shape in ((120, 11), (119, 10), (120, 0)):  # wider than a third of the budget, or another size
+        other = hutchpp(DenseOperator(M), n_matvecs=30, generator=gen(3), sketch=torch.ones(*shape, dtype=F64))
+        assert other.estimate == cold.estimate and other.stderr == cold.stderr
+
+
+def test_a_narrower_sketch_serves_and_leaves_the_rest_to_the_residual():
+    # a run with --tol may stop its sketch early (adaptive_sketch): what it carries is narrower
+    series = _series(_decaying(), 2)
+    sketch = hutchpp_run(DenseOperator(series[0]), n_matvecs=30, generator=gen(1), keep_sketch=True).next_sketch
+    assert sketch is not None
+    A = DenseOperator(series[1])
+    run = hutchpp_run(A, n_matvecs=30, generator=gen(3), sketch=sketch[:, :6].clone(), keep_sketch=True)
+    # the budget is spent: 6 products for A Q, 24 residual probes (a full-width sketch leaves 20)
+    assert run.result.n_hvp == run.result.n_probes == 30
+    assert run.next_sketch is not None and run.next_sketch.shape == (120, 6)
+    # its columns are A q for an orthonormal basis q of the span of the 6 columns it was given
+    Q = torch.linalg.solve(series[1], run.next_sketch)
+    assert torch.allclose(Q.T @ Q, torch.eye(6, dtype=F64), atol=1e-8)
+    given = torch.linalg.qr(sketch[:, :6]).Q
+    assert torch.allclose(given @ (given.T @ Q), Q, atol=1e-8)
+    # unbiased over the residual probes, as with a full-width sketch
+    exact = float(series[1].trace())
+    est = torch.tensor([hutchpp(A, n_matvecs=30, generator=gen(seed), sketch=sketch[:, :6].clone()).estimate
+                        for seed in range(300)], dtype=F64)
+    assert abs(float(est.mean()) - exact) <= 4 * float(est.std()) / math.sqrt(len(est))
 
 
 # ------------------------------------------------------------------------------ scans

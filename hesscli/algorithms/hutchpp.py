@@ -10,6 +10,8 @@ networks) the error shrinks like ``1/m`` in the number of products ``m`` instead
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +30,7 @@ from hesscli.algorithms.sampling import check_generator, probes
 from hesscli.operators.base import CurvatureOperator
 from hesscli.results.records import TraceResult
 
-__all__ = ["hutchpp", "hutchpp_run", "HutchppRun", "orthonormalise_", "orth_chunk_bytes"]
+__all__ = ["hutchpp", "hutchpp_run", "HutchppRun", "orthonormalise_", "orth_chunk_bytes", "adaptive_sketch"]
 
 
 def hutchpp(
@@ -73,8 +75,10 @@ def hutchpp(
         confidence: Coverage of the interval.
         sketch: ``[size, m // 3]``: a sketch from elsewhere in place of ``A S`` (see
             :func:`hutchpp_run`); ``None`` (default) multiplies a fresh ``S``.
-        tol: Optional target for ``stderr / |trace|``. The sketch and ``Q`` are as without it
-            (``2 m / 3`` products); the residual probes are then planned in two stages, as
+        tol: Optional target for ``stderr / |trace|``. The sketch grows only while it pays
+            (:func:`adaptive_sketch`: at most ``m / 3`` vectors, as without ``tol``, fewer where
+            the spectrum decays fast or the target is loose); the residual probes are then
+            planned in two stages, as
             :func:`~hesscli.algorithms.hutchinson.hutchinson` plans its probes with ``tol``: a
             pilot of residual probes (set aside) fixes how many fresh ones the target needs, and
             the estimate uses those alone, so it stays exactly unbiased. At most the budget is
@@ -122,19 +126,20 @@ def hutchpp_run(
 ) -> HutchppRun:
     """:func:`hutchpp`, with a sketch carried from one operator to the next (a series of checkpoints).
 
-    With ``sketch`` (``[size, s]``, ``s = n_matvecs // 3``, e.g. the ``next_sketch`` of the previous
-    checkpoint's run), ``Q = orth(sketch)`` replaces ``orth(A S)``: the ``s`` sketch products are
-    not spent, and the residual gets ``n_matvecs - s`` probes instead of about ``m / 3``. A sketch
-    already on the operator's device and dtype is overwritten by ``Q`` (no copy is made): the
-    caller hands it over. The
-    estimate stays unbiased, since the residual probes are drawn independently of ``Q`` (``S`` is
-    still drawn, and dropped, so the residual probes are those of a cold run: common random
-    numbers along a series). With ``keep_sketch``, the run returns ``A Q`` (products it makes
-    anyway, ``s`` more vectors of memory): carried along a series, ``Q`` then takes one step of
-    subspace iteration per checkpoint and approaches the dominant eigenvectors, so the residual
-    holds less of the trace and its probes more of the budget. A sketch of another shape, or
-    not finite, is ignored (a cold run). With ``tol``, a carried sketch leaves more of the budget
-    to the residual and a better ``Q`` leaves it less variance, so the target costs fewer
+    With ``sketch`` (``[size, s]``, ``1 <= s <= n_matvecs // 3``, e.g. the ``next_sketch`` of the
+    previous checkpoint's run, narrower where its sketch stopped early under ``tol``),
+    ``Q = orth(sketch)`` replaces ``orth(A S)``: the ``s`` sketch products are not spent, and the
+    residual gets ``n_matvecs - s`` probes instead of about ``m / 3``. A sketch already on the
+    operator's device and dtype is overwritten by ``Q`` (no copy is made): the caller hands it
+    over. The estimate stays unbiased, since the residual probes are drawn independently of ``Q``
+    (``S``, ``n_matvecs // 3`` columns, is still drawn and dropped, so the residual probes are
+    those of a cold run without ``tol``: common random numbers along a series). With
+    ``keep_sketch``, the run returns ``A Q`` (products it makes anyway, ``s`` more vectors of
+    memory): carried along a series, ``Q`` then takes one step of subspace iteration per
+    checkpoint and approaches the dominant eigenvectors, so the residual holds less of the trace
+    and its probes more of the budget. A sketch of another size, wider than ``n_matvecs // 3``,
+    or not finite, is ignored (a cold run). With ``tol``, a carried sketch leaves more of the
+    budget to the residual and a better ``Q`` leaves it less variance, so the target costs fewer
     products along a series.
 
     Returns:
@@ -158,23 +163,31 @@ def hutchpp_run(
     def draw(b: int) -> Tensor:
         return probes(n, b, generator=generator, dtype=A.dtype, device=A.device)
 
-    if sketch is not None and (tuple(sketch.shape) != (n, s) or not bool(torch.isfinite(sketch).all())):
+    if sketch is not None and (sketch.dim() != 2 or sketch.shape[0] != n or not 1 <= sketch.shape[1] <= s
+                               or not bool(torch.isfinite(sketch).all())):
         sketch = None  # of another run or unusable: a cold run
     warm = sketch is not None
     # Sketch: Y = A S, drawn and multiplied block by block (drawn only, when a sketch is given:
     # that sketch is then orthonormalised in place, when it is already on A's device and dtype).
-    # Column-major, so that each block of columns of Q multiplied below is contiguous.
-    Y = torch.empty(s, n, dtype=A.dtype, device=A.device).T if sketch is None else sketch.to(device=A.device,
-                                                                                          dtype=A.dtype)
+    # Column-major, so that each block of columns of Q multiplied below is contiguous. With tol,
+    # a cold sketch grows only as long as it pays (adaptive_sketch).
+    if warm:
+        assert sketch is not None
+        Y = sketch.to(device=A.device, dtype=A.dtype)
+        for c in range(0, s, block_size):
+            draw(min(block_size, s - c))
+    elif tol is not None:
+        Y = adaptive_sketch(A, draw, s, tol, block_size)
+    else:
+        Y = torch.empty(s, n, dtype=A.dtype, device=A.device).T
+        for c in range(0, s, block_size):
+            b = min(block_size, s - c)
+            Y[:, c:c + b] = A.matmat(draw(b))
     del sketch
-    for c in range(0, s, block_size):
-        b = min(block_size, s - c)
-        S = draw(b)
-        if not warm:
-            Y[:, c:c + b] = A.matmat(S)
+    sketched = 0 if warm else Y.shape[1]
     Q = orthonormalise_(Y)  # [n, min(n, s)] in Y's memory (a copy only for a rank-deficient sketch)
     del Y
-    n_residual = n_matvecs - Q.shape[1] - (0 if warm else s)
+    n_residual = n_matvecs - Q.shape[1] - sketched
     AQ = torch.empty_like(Q) if keep_sketch else None
 
     # Exact part: the diagonal of P A + (I - P) A P with P = QQᵀ, whose trace is tr(Qᵀ A Q); per
@@ -217,6 +230,73 @@ def hutchpp_run(
         n_probes=n_matvecs - n_residual + pilot + samples.shape[1], n_hvp=A.n_matvecs - before, converged=converged,
     )
     return HutchppRun(result, AQ)
+
+
+SKETCH_STEP = 8
+"""Sketch vectors added at a time by :func:`adaptive_sketch`."""
+
+GRAM_CUT = 1e-13
+"""Eigenvalues of the sketch's float64 Gram matrix below this share of the largest are rounding
+noise of the Gram matrix (not of the sketch: products of float32 numbers are exact in float64),
+and their directions are left out of the basis when :func:`adaptive_sketch` measures it."""
+
+
+def adaptive_sketch(A: CurvatureOperator, draw: Callable[[int], Tensor], s_max: int, tol: float,
+                    block_size: int) -> Tensor:
+    """Hutch++'s sketch ``Y = A S`` for a target ``stderr / |tr(A)| <= tol``, grown
+    :data:`SKETCH_STEP` vectors at a time while it pays (returns ``[size, s]``, ``s <= s_max``,
+    a column-major view of storage for ``s_max`` columns).
+
+    A sketch of ``s`` vectors costs ``2 s`` products (``A S`` and ``A Q``); what it buys is a
+    residual ``(I - P) A (I - P)`` with less variance per probe. After each step the fresh
+    vectors measure what the basis so far leaves: ``||(I - P) A s||²`` over a Rademacher ``s``
+    has mean ``||(I - P) A||_F²``, computed from the float64 Gram matrix of the sketch (directions
+    below :data:`GRAM_CUT` count as missing, which can only make the estimate larger). A residual probe's variance is at most ``2 ||(I - P) A||_F²``
+    (Rademacher probes), so the target needs at most ``2 ||(I - P) A||_F² / (tol · t)²`` probes,
+    with ``t`` the Hutchinson estimate of the trace from the sketch vectors themselves
+    (``sᵀ A s``). The sketch stops growing once that is no more than the ``2 s`` products it has
+    cost: a budget split in proportion to what each part needs, as in Hutch++'s own thirds, and
+    like the adaptive variants of Persson, Cortinovis & Kressner (2022, SIAM J. Matrix Anal.
+    Appl. 43(3)), which grow the sketch until its marginal products stop paying. Both estimates
+    are of the residual *before* the last step's vectors joined the basis, so the rule errs
+    towards a larger sketch; a spectrum that decays fast stops after a few steps, a flat one
+    grows to ``s_max`` (the sketch of a run without ``tol``).
+
+    The decision uses the sketch alone: the residual probes drawn afterwards are independent of
+    it, so the estimate stays unbiased given ``Q``.
+    """
+    n = A.size
+    Y = torch.empty(s_max, n, dtype=A.dtype, device=A.device).T
+    gram = torch.zeros(s_max, s_max, dtype=torch.float64)
+    rows = _orth_rows(n, s_max)
+    quad = 0.0  # sum of sᵀ A s over the sketch vectors: s times a Hutchinson estimate of the trace
+    s = 0
+    while s < s_max:
+        g = min(SKETCH_STEP, s_max - s)
+        for c in range(s, s + g, block_size):
+            b = min(block_size, s + g - c)
+            S = draw(b)
+            Y[:, c:c + b] = A.matmat(S)
+            quad += float(S.mul_(Y[:, c:c + b]).sum(dtype=torch.float64))
+            del S
+        new = torch.zeros(s + g, g, dtype=torch.float64, device=A.device)
+        for r in range(0, n, rows):
+            new.addmm_(Y[r:r + rows, :s + g].to(torch.float64).T, Y[r:r + rows, s:s + g].to(torch.float64))
+        new = new.cpu()
+        gram[:s + g, s:s + g] = new
+        gram[s:s + g, :s] = new[:s].T
+        energy = float(new[s:].diagonal().sum())  # ||A S_new||_F²
+        if s:
+            mu, U = torch.linalg.eigh(gram[:s, :s])
+            keep = mu > GRAM_CUT * float(mu.max())
+            energy -= float(((U[:, keep].T @ new[:s]) ** 2 / mu[keep, None]).sum())  # minus ||P A S_new||_F²
+        residual = max(energy, 0.0) / g  # ||(I - P) A||_F² of the basis before this step
+        s += g
+        t = abs(quad / s)
+        planned = 2 * residual / (tol * t) ** 2 if t > 0 else math.inf
+        if planned <= 2 * s:
+            break
+    return Y[:, :s]
 
 
 ORTH_CHUNK_BYTES = 1 << 25

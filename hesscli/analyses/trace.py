@@ -28,8 +28,9 @@ class TraceOptions:
     probes: int = option(100, minimum=1, metavar="N", panel=ANALYSIS,
                          help="Trace budget: probes (hutchinson) or products (hutch++). Default 100.")
     tol: float | None = option(None, key="trace_tol", minimum=0.0, metavar="REL", panel=ANALYSIS, help=(
-        "Target stderr/|trace|: a pilot sample plans the probe count (hutch++: the residual probes after its "
-        "sketch), the estimate averages fresh probes; the --probes budget caps it. On scan: --trace-tol."))
+        "Target stderr/|trace|: a pilot sample plans the probe count (hutch++: its sketch grows only while it "
+        "pays for the target, then the residual probes), the estimate averages fresh probes; the --probes budget "
+        "caps it. On scan: --trace-tol."))
 
 
 class Trace(Analysis):

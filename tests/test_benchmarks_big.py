@@ -221,8 +221,15 @@ def test_whole_process_speed_ups_at_defaults_and_at_equal_accuracy():
     assert "5× PyHessian's 8.0 s would leave hesscli 1.6 s" in text
     rows[4]["n_params"] = rows[5]["n_params"] = 2000
     assert "(W4, the whole process divided by its products: 1.11 s against 1.30 s;" in markdown(rows)
+    assert "(at defaults not met; at equal accuracy not met; see below)" in text
+    rows[5]["seconds"] = 200.0
+    rows[3]["seconds"] = 40.0  # 5x at defaults on W4, 10x at hesscli's accuracy on W2
+    assert "(at defaults met on W4; at equal accuracy met on W2; see below)" in markdown(rows)
+    rows[3]["seconds"], rows[1]["seconds"] = 12.0, 0.5  # 16x on W2 only through the loose run
     rows[1]["error"] = 1e-2  # hesscli looser than PyHessian: said so, not counted as equal accuracy
-    assert "(hesscli less accurate)" in markdown(rows)
+    text = markdown(rows)
+    assert "(hesscli less accurate)" in text
+    assert "at equal accuracy not met" in text
 
 
 def test_scan_at_a_target_accuracy_quotes_its_ratios_from_the_data():

@@ -51,3 +51,14 @@ def test_the_cli_says_so_in_one_line_with_exit_1(tmp_path, capsys):
               str(tmp_path / "data.pt"), "--loss", "mse", "--top-k", "2", "--out", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and "curvature products are not finite" in err[0]
+
+
+def test_only_a_non_finite_product_of_a_finite_vector_is_an_error():
+    from hesscli.operators.base import DenseOperator
+
+    A = torch.eye(3, dtype=torch.float64)
+    v = torch.tensor([1.0, float("nan"), 0.0], dtype=torch.float64)
+    assert torch.isnan(DenseOperator(A).matvec(v)).any()  # NaN in, NaN out: the caller's vector, not the curvature
+    A[1, 1] = float("inf")
+    with pytest.raises(hesscli.AnalysisError, match="curvature products are not finite"):
+        DenseOperator(A).matvec(torch.ones(3, dtype=torch.float64))

@@ -53,7 +53,7 @@ class CurvatureOperator:
             raise ValueError(f"expected a tensor of shape ({self.size},) or ({self.size}, k), got {tuple(V.shape)}")
         V = V.to(device=self.device, dtype=self.dtype)
         out = self._matmat(V) if V.shape[1] else V.clone()
-        if bool(torch.isfinite(V).all()) and not bool(torch.isfinite(out).all()):
+        if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(V).all()):  # V checked only on a failure
             raise AnalysisError(
                 f"curvature products are not finite (NaN or Inf) at this point ({self.describe()}): the loss's "
                 "second derivatives overflow or are undefined here (e.g. |x|^p with p < 2 at 0, sqrt at 0); "

@@ -230,6 +230,10 @@ def test_whole_process_speed_ups_at_defaults_and_at_equal_accuracy():
     text = markdown(rows)
     assert "(hesscli less accurate)" in text
     assert "at equal accuracy not met" in text
+    rows[3]["seconds"], rows[3]["error"] = 40.0, 5e-6  # 10x, but PyHessian more accurate: an upper bound
+    text = markdown(rows)
+    assert "| ≤ 10.0× (270 / 36 products) (hesscli 2.0x the error) |" in text
+    assert "at equal accuracy not met" in text
 
 
 def test_scan_at_a_target_accuracy_quotes_its_ratios_from_the_data():
